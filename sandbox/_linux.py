@@ -1,0 +1,57 @@
+"""Small Linux mechanics shared by the zygote and the worker (ctypes where Python 3.11 lacks).
+
+Only what the zygote/worker birth needs: prctl, closing every fd but a few, thread count.
+The isolation layers proper live in :mod:`sandbox.isolation`.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+from collections.abc import Iterable
+
+__all__ = ["PR_SET_CHILD_SUBREAPER", "PR_SET_PDEATHSIG", "close_fds_except", "prctl",
+           "thread_count"]
+
+PR_SET_PDEATHSIG = 1
+PR_SET_DUMPABLE = 4
+PR_SET_CHILD_SUBREAPER = 36
+PR_SET_NO_NEW_PRIVS = 38
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+_prctl = _libc.prctl
+_prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+_prctl.restype = ctypes.c_int
+
+
+def prctl(option: int, arg2: int = 0, arg3: int = 0, arg4: int = 0, arg5: int = 0) -> int:
+    """``prctl(2)``; raises OSError on failure."""
+    rc: int = _prctl(option, arg2, arg3, arg4, arg5)
+    if rc < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"prctl({option}): {os.strerror(err)}")
+    return rc
+
+
+def close_fds_except(keep: Iterable[int]) -> None:
+    """Close every open file descriptor not in ``keep``."""
+    keep_set = set(keep)
+    try:
+        fds = [int(name) for name in os.listdir("/proc/self/fd")]
+    except OSError:  # no /proc: fall back to the rlimit
+        import resource
+
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        fds = list(range(min(soft, 65536)))
+    for fd in fds:
+        if fd not in keep_set:
+            try:
+                os.close(fd)
+            except OSError:
+                pass  # the listing's own fd, already closed
+
+
+def thread_count() -> int:
+    """Threads of this process, as the kernel counts them."""
+    return len(os.listdir("/proc/self/task"))

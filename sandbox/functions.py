@@ -1,0 +1,202 @@
+"""Functions: what a worker needs to find and call a handler.
+
+A function is registered under a name from one of five kinds of source; each registration of a
+name makes a new version, identified also by a content digest (sha256)::
+
+    kind        given as                           handler means             worker loads it by
+    source      Python source text                 "function" (default       exec into a fresh
+                                                   "handler")                module
+    file        a path to one ``.py`` file          "function"                import from the file
+    directory   a path to a directory of modules   "module:function"         sys.path + import
+    zip         a path to a ``.zip`` of modules    "module:function"         zipimport
+    ref         "module:function" importable       (the ref itself)          import
+                where the runtime runs
+
+The descriptor sent to the worker (:meth:`FunctionInfo.descriptor`) holds only strings: the
+worker does the loading, so nothing of the function runs in the supervisor.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import re
+import zipfile
+from pathlib import Path
+from typing import Any
+
+from sandbox.errors import ConfigurationError
+from sandbox.limits import Limits
+
+__all__ = ["FunctionInfo", "make_function"]
+
+_IDENT = r"[A-Za-z_][A-Za-z0-9_]*"
+_DOTTED = re.compile(rf"^{_IDENT}(\.{_IDENT})*$")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
+#: Largest source text accepted inline.
+MAX_SOURCE_BYTES = 8 * 1024 * 1024
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class FunctionInfo:
+    """A registered function version.
+
+    Attributes:
+        name: the name it is invoked by.
+        version: 1 for the first registration of the name, then 2, 3...
+        digest: sha256 (hex) of the function's content.
+        kind: ``source``, ``file``, ``directory``, ``zip`` or ``ref``.
+        handler: ``"module:function"`` (or the function name for ``source``/``file``).
+        profile: the preload profile whose zygote forks its workers.
+        limits: the function's default limits (fields left None inherit the runtime's).
+        reuse: how many invocations one worker may serve (1: a fresh process every time).
+        path: the file, directory or zip it is loaded from (None for source and ref).
+    """
+
+    name: str
+    version: int
+    digest: str
+    kind: str
+    handler: str
+    profile: str
+    limits: Limits
+    reuse: int
+    path: str | None = None
+    source: str | None = dataclasses.field(default=None, repr=False)
+
+    @property
+    def key(self) -> str:
+        """Identifies this exact version in a worker's cache of loaded handlers."""
+        return f"{self.name}@{self.version}:{self.digest[:16]}"
+
+    def descriptor(self) -> dict[str, Any]:
+        """What the worker needs to load the handler (plain strings only)."""
+        module, _, attr = self.handler.rpartition(":")
+        return {
+            "key": self.key,
+            "name": self.name,
+            "version": self.version,
+            "kind": self.kind,
+            "module": module,
+            "attr": attr,
+            "path": self.path or "",
+            "source": self.source or "",
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "version": self.version,
+            "digest": self.digest,
+            "kind": self.kind,
+            "handler": self.handler,
+            "profile": self.profile,
+            "limits": self.limits.to_dict(),
+            "reuse": self.reuse,
+            "path": self.path,
+        }
+
+
+def _check_handler(handler: str, *, dotted_module: bool) -> None:
+    module, sep, attr = handler.rpartition(":")
+    if dotted_module:
+        if not sep or not _DOTTED.match(module) or not re.fullmatch(_IDENT, attr):
+            raise ConfigurationError(
+                f"handler {handler!r} must be 'module:function' (e.g. 'app.main:handler')")
+    elif sep or not re.fullmatch(_IDENT, attr):
+        raise ConfigurationError(
+            f"handler {handler!r} must be a function name (e.g. 'handler') for a single file")
+
+
+def _digest_directory(root: Path) -> str:
+    h = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file() and "__pycache__" not in p.parts):
+        rel = path.relative_to(root).as_posix().encode()
+        h.update(len(rel).to_bytes(4, "big") + rel)
+        data = path.read_bytes()
+        h.update(len(data).to_bytes(8, "big") + data)
+    return h.hexdigest()
+
+
+def make_function(
+    name: str,
+    version: int,
+    *,
+    source: str | bytes | None = None,
+    path: str | os.PathLike[str] | None = None,
+    ref: str | None = None,
+    handler: str | None = None,
+    profile: str = "default",
+    limits: Limits | None = None,
+    reuse: int = 1,
+    digest: str | None = None,
+) -> FunctionInfo:
+    """Validate a registration and describe it.
+
+    Raises:
+        ConfigurationError: the name, handler, source or path is not usable; the message says
+            which and why.
+    """
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise ConfigurationError(
+            f"function name {name!r} must be 1-128 characters of letters, digits, '_', '-', "
+            "'.', starting with a letter or digit")
+    given = [x is not None for x in (source, path, ref)]
+    if sum(given) != 1:
+        raise ConfigurationError("give exactly one of source=, path= or ref=")
+    if isinstance(reuse, bool) or not isinstance(reuse, int) or reuse < 1:
+        raise ConfigurationError(f"reuse must be an int >= 1, got {reuse!r}")
+    limits = limits if limits is not None else Limits()
+    if not isinstance(limits, Limits):
+        raise ConfigurationError(f"limits must be a sandbox.Limits, got {type(limits).__name__}")
+    common: dict[str, Any] = {"name": name, "version": version, "profile": profile,
+                              "limits": limits, "reuse": reuse}
+
+    if source is not None:
+        text = source.decode("utf-8") if isinstance(source, bytes) else source
+        if len(text.encode("utf-8")) > MAX_SOURCE_BYTES:
+            raise ConfigurationError(f"source is over {MAX_SOURCE_BYTES} bytes")
+        fn = handler or "handler"
+        _check_handler(fn, dotted_module=False)
+        return FunctionInfo(kind="source", handler=fn, source=text,
+                            digest=digest or hashlib.sha256(text.encode()).hexdigest(), **common)
+
+    if ref is not None:
+        _check_handler(ref, dotted_module=True)
+        if handler is not None and handler != ref:
+            raise ConfigurationError("with ref=, do not give handler= (the ref is the handler)")
+        return FunctionInfo(kind="ref", handler=ref,
+                            digest=digest or hashlib.sha256(ref.encode()).hexdigest(), **common)
+
+    assert path is not None
+    p = Path(path).resolve()
+    if not p.exists():
+        raise ConfigurationError(f"path {str(path)!r} does not exist")
+    if p.is_dir():
+        if handler is None:
+            raise ConfigurationError(f"handler= ('module:function') is required for the "
+                                     f"directory {str(p)!r}")
+        _check_handler(handler, dotted_module=True)
+        return FunctionInfo(kind="directory", handler=handler, path=str(p),
+                            digest=digest or _digest_directory(p), **common)
+    if p.suffix == ".py":
+        fn = handler or "handler"
+        if ":" in fn:
+            module, _, fn = fn.rpartition(":")
+            if module != p.stem:
+                raise ConfigurationError(
+                    f"handler {handler!r} names module {module!r}, but the file is {p.name!r}")
+        _check_handler(fn, dotted_module=False)
+        data = p.read_bytes()
+        return FunctionInfo(kind="file", handler=f"{p.stem}:{fn}", path=str(p),
+                            digest=digest or hashlib.sha256(data).hexdigest(), **common)
+    if zipfile.is_zipfile(p):
+        if handler is None:
+            raise ConfigurationError(f"handler= ('module:function') is required for the "
+                                     f"zip {str(p)!r}")
+        _check_handler(handler, dotted_module=True)
+        return FunctionInfo(kind="zip", handler=handler, path=str(p),
+                            digest=digest or hashlib.sha256(p.read_bytes()).hexdigest(), **common)
+    raise ConfigurationError(
+        f"path {str(p)!r} is neither a .py file, a directory nor a zip archive")

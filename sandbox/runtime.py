@@ -1,0 +1,913 @@
+"""The supervisor, embedded: :class:`AsyncRuntime` (asyncio) and :class:`Runtime` (sync).
+
+A runtime owns the preload profiles (one zygote and one warm pool each), the registered
+functions, admission control (a bounded queue in front of ``max_concurrency`` running
+invocations) and the one place limits are resolved (:func:`sandbox.limits.resolve`)::
+
+    invoke(name, event) ─▶ resolve function + limits ─▶ admission (queue ≤ max_queue)
+        ─▶ concurrency slot ─▶ Pool(profile).acquire ─▶ Execution.run ─▶ InvocationResult
+
+:class:`Runtime` runs an :class:`AsyncRuntime` on an event loop in a thread of its own, so a
+plain program gets the same behaviour through blocking calls. Zygotes are started by a fresh
+``exec``, so the threads of the runtime (or of the program embedding it) never reach them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import json
+import logging
+import os
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
+from typing import Any
+
+import msgpack
+
+from sandbox import __version__, protocol
+from sandbox.errors import (
+    ConfigurationError,
+    FunctionNotFound,
+    InvalidRequest,
+    Overloaded,
+    ProtocolError,
+    ShuttingDown,
+)
+from sandbox.functions import FunctionInfo, make_function
+from sandbox.limits import DEFAULT_LIMITS, Limits, resolve
+from sandbox.outcome import ErrorInfo, InvocationResult, Outcome, Stats
+from sandbox.pool import STREAM_BUFFER_CHUNKS, Execution, Pool, build_result
+
+__all__ = ["AsyncInvocation", "AsyncRuntime", "Invocation", "InvocationStream", "Runtime",
+           "StreamIterator"]
+
+log = logging.getLogger(__name__)
+
+MSGPACK = "application/msgpack"
+JSON = "application/json"
+CONTENT_TYPES = (MSGPACK, JSON)
+DEFAULT_PROFILE = "default"
+#: Largest encoded event accepted.
+MAX_EVENT_BYTES = 64 * 1024 * 1024
+
+
+def _check_modules(name: str, modules: Sequence[str]) -> tuple[str, ...]:
+    if isinstance(modules, str):
+        raise ConfigurationError(f"profile {name!r}: modules must be a list of names, not a "
+                                 "string")
+    out = []
+    for module in modules:
+        if not isinstance(module, str) or not all(
+                part.isidentifier() for part in module.split(".")):
+            raise ConfigurationError(f"profile {name!r}: {module!r} is not a module name")
+        out.append(module)
+    return tuple(out)
+
+
+class _Ticket:
+    """One invocation's handle inside the runtime: lets a caller cancel it at any stage."""
+
+    __slots__ = ("cancelled", "execution", "task")
+
+    def __init__(self) -> None:
+        self.cancelled = False
+        self.execution: Execution | None = None
+        self.task: asyncio.Task[InvocationResult] | None = None
+
+    def cancel(self) -> None:
+        if self.cancelled:
+            return
+        self.cancelled = True
+        if self.execution is not None:
+            self.execution.cancel()
+        elif self.task is not None:
+            self.task.cancel()  # still queued or starting: _execute answers CANCELLED
+
+
+class AsyncRuntime:
+    """The sandbox runtime for asyncio programs.
+
+    Args:
+        profiles: preload profile name → modules its zygote imports. ``"default"`` (no
+            modules) always exists.
+        limits: defaults for every function (a function's own limits replace them field by
+            field; a call's limits can only tighten).
+        max_limits: the operator's maxima; nothing can exceed them.
+        min_idle: warm workers kept ready per profile (0: fork every worker on demand).
+        max_concurrency: invocations running at once (default: 4 per CPU, at least 4).
+        max_queue: invocations waiting for a slot before new ones get :class:`Overloaded`.
+        cgroups: use cgroups for memory, processes, CPU accounting and tree kills; None
+            (default) uses them when the machine offers them, False never, True requires them.
+
+    Use it as ``async with AsyncRuntime(...) as rt:`` or call :meth:`start` and
+    :meth:`aclose`.
+    """
+
+    def __init__(
+        self,
+        profiles: Mapping[str, Sequence[str]] | None = None,
+        *,
+        limits: Limits = DEFAULT_LIMITS,
+        max_limits: Limits | None = None,
+        min_idle: int = 2,
+        max_concurrency: int | None = None,
+        max_queue: int = 4096,
+        cgroups: bool | None = None,
+    ) -> None:
+        if not isinstance(limits, Limits):
+            raise ConfigurationError("limits must be a sandbox.Limits")
+        if max_limits is not None and not isinstance(max_limits, Limits):
+            raise ConfigurationError("max_limits must be a sandbox.Limits or None")
+        if isinstance(min_idle, bool) or not isinstance(min_idle, int) or min_idle < 0:
+            raise ConfigurationError(f"min_idle must be an int >= 0, got {min_idle!r}")
+        if max_concurrency is None:
+            max_concurrency = max(4, 4 * (os.cpu_count() or 1))
+        if isinstance(max_concurrency, bool) or not isinstance(max_concurrency, int) \
+                or max_concurrency < 1:
+            raise ConfigurationError(f"max_concurrency must be an int >= 1, got "
+                                     f"{max_concurrency!r}")
+        if isinstance(max_queue, bool) or not isinstance(max_queue, int) or max_queue < 0:
+            raise ConfigurationError(f"max_queue must be an int >= 0, got {max_queue!r}")
+        self._profiles: dict[str, tuple[str, ...]] = {DEFAULT_PROFILE: ()}
+        for name, modules in (profiles or {}).items():
+            self._profiles[name] = _check_modules(name, modules)
+        self.limits = limits
+        self.max_limits = max_limits
+        self.min_idle = min_idle
+        self.max_concurrency = max_concurrency
+        self.max_queue = max_queue
+        self._cgroups_wanted = cgroups
+        self.instance = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self._functions: dict[str, dict[int, FunctionInfo]] = {}
+        self._pools: dict[str, Pool] = {}
+        self._cgroups: Any = None
+        self._cgroup_report: dict[str, Any] = {"available": False, "reason": "not started"}
+        self._slots: asyncio.Semaphore | None = None
+        self._queued = 0
+        self._running = 0
+        self._inflight: set[_Ticket] = set()
+        self._started = False
+        self._closing = False
+        self._closed = False
+        self.started_at: float | None = None
+
+    # lifecycle ----------------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Start the zygotes of every profile and fill the warm pools.
+
+        Raises:
+            ProfileError: a profile's module failed to import (named in the message).
+            IsolationUnavailable: ``cgroups=True`` but the machine has none usable.
+        """
+        if self._started:
+            return
+        self._started = True
+        self._slots = asyncio.Semaphore(self.max_concurrency)
+        self._setup_cgroups()
+        try:
+            await asyncio.gather(*(self._start_pool(name) for name in self._profiles))
+        except BaseException:
+            await self.aclose(grace_s=0)
+            raise
+        self.started_at = time.time()
+
+    def _setup_cgroups(self) -> None:
+        if self._cgroups_wanted is False:
+            self._cgroup_report = {"available": False, "enabled": False,
+                                   "reason": "disabled by configuration"}
+            return
+        from sandbox import cgroups as cg
+        from sandbox.errors import IsolationUnavailable
+
+        manager = cg.CgroupManager(prefix="sandbox")
+        report = manager.report.to_dict()
+        if not manager.available:
+            if self._cgroups_wanted:
+                raise IsolationUnavailable(f"cgroups were required but are not usable: "
+                                           f"{manager.report.reason}")
+            log.warning("cgroups unavailable (%s): memory is limited by rlimit only and "
+                        "double-forked grandchildren may escape the tree kill",
+                        manager.report.reason)
+            self._cgroup_report = {**report, "available": False, "enabled": False}
+            return
+        swept = manager.sweep_stale()
+        if swept:
+            log.info("removed %d cgroup(s) left by a supervisor that died", swept)
+        self._cgroups = manager
+        self._cgroup_report = {**report, "available": True, "enabled": True}
+
+    async def _start_pool(self, name: str) -> None:
+        pool = Pool(name, self._profiles[name], instance=self.instance, min_idle=self.min_idle,
+                    cgroups=self._cgroups, birth_config={})
+        self._pools[name] = pool
+        await pool.start()
+
+    async def add_profile(self, name: str, modules: Sequence[str]) -> None:
+        """Start a zygote for a new preload profile (no-op if it exists with these modules).
+
+        Raises:
+            ConfigurationError: the name exists with other modules.
+            ProfileError: a module failed to import.
+        """
+        mods = _check_modules(name, modules)
+        if name in self._profiles:
+            if self._profiles[name] != mods:
+                raise ConfigurationError(f"profile {name!r} exists with modules "
+                                         f"{list(self._profiles[name])}")
+            if name in self._pools or not self._started:
+                return
+        self._profiles[name] = mods
+        if self._started:
+            try:
+                await self._start_pool(name)
+            except BaseException:
+                pool = self._pools.pop(name, None)
+                del self._profiles[name]
+                if pool is not None:
+                    await pool.close()
+                raise
+
+    async def aclose(self, grace_s: float = 5.0) -> None:
+        """Refuse new calls, give running ones ``grace_s`` to finish, cancel the rest, then
+        kill every worker and zygote. Idempotent."""
+        if self._closed:
+            return
+        self._closing = True
+        tasks = [t.task for t in self._inflight if t.task is not None]
+        if tasks and grace_s > 0:
+            await asyncio.wait(tasks, timeout=grace_s)
+        for ticket in list(self._inflight):
+            ticket.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=30)
+        await asyncio.gather(*(pool.close() for pool in self._pools.values()),
+                             return_exceptions=True)
+        if self._cgroups is not None:
+            self._cgroups.close()
+        self._closed = True
+
+    async def __aenter__(self) -> AsyncRuntime:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    @property
+    def closed(self) -> bool:
+        return self._closing
+
+    # functions ----------------------------------------------------------------------------------
+    def register(
+        self,
+        name: str,
+        *,
+        source: str | bytes | None = None,
+        path: str | os.PathLike[str] | None = None,
+        ref: str | None = None,
+        handler: str | None = None,
+        profile: str = DEFAULT_PROFILE,
+        limits: Limits | None = None,
+        reuse: int = 1,
+        version: int | None = None,
+        digest: str | None = None,
+    ) -> FunctionInfo:
+        """Register a function; registering a name again makes a new version.
+
+        Exactly one of ``source`` (Python source text; ``handler`` names the function, default
+        ``"handler"``), ``path`` (a ``.py`` file, a directory or a zip of modules; for the
+        latter two ``handler`` is ``"module:function"``) or ``ref`` (an importable
+        ``"module:function"``).
+
+        Args:
+            profile: the preload profile whose zygote forks this function's workers.
+            limits: the function's default limits.
+            reuse: invocations one worker may serve before it is replaced (1: a fresh process
+                for every invocation). A reused worker is recycled on any failure.
+            version: register under this version number (used when reloading a store).
+
+        Raises:
+            ConfigurationError: bad name, handler, path, profile or limits.
+        """
+        if profile not in self._profiles:
+            raise ConfigurationError(f"unknown profile {profile!r}; profiles: "
+                                     f"{sorted(self._profiles)}")
+        versions = self._functions.setdefault(name, {})
+        if version is None:
+            version = max(versions, default=0) + 1
+        elif version in versions:
+            raise ConfigurationError(f"function {name!r} already has version {version}")
+        try:
+            info = make_function(name, version, source=source, path=path, ref=ref,
+                                 handler=handler, profile=profile, limits=limits, reuse=reuse,
+                                 digest=digest)
+        except BaseException:
+            if not versions:
+                del self._functions[name]
+            raise
+        versions[version] = info
+        return info
+
+    def unregister(self, name: str, version: int | None = None) -> None:
+        """Forget a function (every version, or one).
+
+        Raises:
+            FunctionNotFound: no such function or version.
+        """
+        info = self.function(name, version)
+        if version is None:
+            del self._functions[name]
+        else:
+            del self._functions[name][info.version]
+            if not self._functions[name]:
+                del self._functions[name]
+
+    def function(self, name: str, version: int | None = None) -> FunctionInfo:
+        """The latest (or the given) version of a function.
+
+        Raises:
+            FunctionNotFound: no such function or version.
+        """
+        versions = self._functions.get(name)
+        if not versions:
+            raise FunctionNotFound(f"no function named {name!r}")
+        if version is None:
+            return versions[max(versions)]
+        try:
+            return versions[version]
+        except KeyError:
+            raise FunctionNotFound(f"function {name!r} has no version {version}; versions: "
+                                   f"{sorted(versions)}") from None
+
+    def functions(self) -> list[FunctionInfo]:
+        """Every registered version of every function, by name then version."""
+        return [info for name in sorted(self._functions)
+                for _, info in sorted(self._functions[name].items())]
+
+    @property
+    def profiles(self) -> dict[str, list[str]]:
+        return {name: list(mods) for name, mods in self._profiles.items()}
+
+    # invocation ---------------------------------------------------------------------------------
+    def _prepare(self, name: str, event: Any, version: int | None, limits: Limits | None,
+                 payload: bytes | None, content_type: str
+                 ) -> tuple[FunctionInfo, bytes, Limits]:
+        if self._closing or not self._started:
+            raise ShuttingDown("the runtime is closed" if self._closing
+                               else "the runtime is not started")
+        if content_type not in CONTENT_TYPES:
+            raise InvalidRequest(f"content_type must be one of {list(CONTENT_TYPES)}, got "
+                                 f"{content_type!r}")
+        if limits is not None and not isinstance(limits, Limits):
+            raise InvalidRequest("limits must be a sandbox.Limits")
+        fn = self.function(name, version)
+        if payload is not None:
+            if event is not None:
+                raise InvalidRequest("give event= or payload=, not both")
+            if not isinstance(payload, bytes | bytearray | memoryview):
+                raise InvalidRequest("payload must be bytes")
+            data = bytes(payload)
+            _validate_payload(data, content_type)
+        else:
+            try:
+                if content_type == JSON:
+                    data = json.dumps(event, allow_nan=False).encode()
+                else:
+                    data = msgpack.packb(event, use_bin_type=True)
+            except (TypeError, ValueError, OverflowError) as exc:
+                raise InvalidRequest(f"the event cannot be encoded as "
+                                     f"{'JSON' if content_type == JSON else 'msgpack'}: "
+                                     f"{exc}") from None
+        if len(data) > MAX_EVENT_BYTES:
+            raise InvalidRequest(f"the event is {len(data)} bytes; the maximum is "
+                                 f"{MAX_EVENT_BYTES}")
+        effective = resolve(limits, fn.limits, self.limits, self.max_limits)
+        return fn, data, effective
+
+    def _admit(self) -> None:
+        assert self._slots is not None
+        if self._slots.locked() and self._queued >= self.max_queue:
+            raise Overloaded(f"{self._queued} invocations are queued (max_queue="
+                             f"{self.max_queue}); try again later")
+
+    async def _execute(self, fn: FunctionInfo, data: bytes, content_type: str, limits: Limits,
+                       deadline: float | None, invocation_id: str, ticket: _Ticket,
+                       chunk_sink: Any = None) -> InvocationResult:
+        assert self._slots is not None
+        t0 = time.monotonic()
+        self._inflight.add(ticket)
+        try:
+            self._queued += 1
+            try:
+                await self._slots.acquire()
+            except asyncio.CancelledError:
+                if ticket.cancelled:
+                    return _cancelled(invocation_id, time.monotonic() - t0)
+                raise
+            finally:
+                self._queued -= 1
+            self._running += 1
+            try:
+                return await self._run(fn, data, content_type, limits, deadline, invocation_id,
+                                       ticket, chunk_sink, t0)
+            finally:
+                self._running -= 1
+                self._slots.release()
+        finally:
+            self._inflight.discard(ticket)
+
+    async def _run(self, fn: FunctionInfo, data: bytes, content_type: str, limits: Limits,
+                   deadline: float | None, invocation_id: str, ticket: _Ticket, chunk_sink: Any,
+                   t0: float) -> InvocationResult:
+        t1 = time.monotonic()
+        pool = self._pools.get(fn.profile)
+        if pool is None:
+            raise ConfigurationError(f"profile {fn.profile!r} is not running")
+        try:
+            worker, cold, on_demand = await pool.acquire(fn, limits)
+        except asyncio.CancelledError:
+            if ticket.cancelled:
+                return _cancelled(invocation_id, t1 - t0)
+            raise
+        startup_s = time.monotonic() - t1
+        timeout = limits.wall_timeout_s
+        if deadline is not None:
+            left = max(0.001, deadline - time.monotonic())
+            timeout = left if timeout is None else min(timeout, left)
+        last = worker.served + 1 >= fn.reuse
+        execution = Execution(worker, fn, invocation_id, data, content_type, limits, timeout,
+                              last, chunk_sink)
+        ticket.execution = execution
+        if ticket.cancelled:
+            execution.cancelled = True
+        run = asyncio.ensure_future(execution.run())
+        if ticket.cancelled:
+            execution.cancel()
+        caller_cancelled = False
+        while not run.done():
+            try:
+                await asyncio.shield(run)
+            except asyncio.CancelledError:
+                # The caller went away: kill the worker now, finish cleanly, then re-raise.
+                caller_cancelled = True
+                execution.cancel()
+        decode = _decoder(content_type, limits)
+        result = build_result(execution, queue_s=t1 - t0, startup_s=startup_s, cold=cold,
+                              on_demand=on_demand, decode=decode)
+        keep = (fn if result.outcome is Outcome.OK and not execution.killed and not last
+                else None)
+        pool.release(worker, keep_for=keep)
+        if keep is not None:
+            worker.limits = limits
+        if caller_cancelled and not ticket.cancelled:
+            raise asyncio.CancelledError
+        return result
+
+    async def invoke(
+        self,
+        name: str,
+        event: Any = None,
+        *,
+        version: int | None = None,
+        limits: Limits | None = None,
+        id: str | None = None,
+        payload: bytes | None = None,
+        content_type: str = MSGPACK,
+        deadline: float | None = None,
+    ) -> InvocationResult:
+        """Run a function once, in a fresh (or reused, if the function allows) worker.
+
+        Args:
+            event: the first argument of the handler (msgpack- or JSON-encodable data).
+            limits: per-call limits; they can only tighten the function's.
+            id: an invocation id of the caller's (default: a random one).
+            payload: the event already encoded in ``content_type`` (instead of ``event``).
+            content_type: ``application/msgpack`` (default) or ``application/json``; the
+                result's ``result_bytes`` come back in the same type.
+            deadline: ``time.monotonic()`` value after which the caller stops caring; caps the
+                wall-clock timeout.
+
+        Returns:
+            The one :class:`InvocationResult`; function failures are outcomes, not exceptions.
+
+        Raises:
+            FunctionNotFound, InvalidRequest, Overloaded, ShuttingDown: problems of the call.
+            asyncio.CancelledError: the awaiting task was cancelled (its worker is killed).
+        """
+        fn, data, effective = self._prepare(name, event, version, limits, payload, content_type)
+        self._admit()
+        ticket = _Ticket()
+        return await self._execute(fn, data, content_type, effective, deadline,
+                                   id or uuid.uuid4().hex, ticket)
+
+    def submit(
+        self,
+        name: str,
+        event: Any = None,
+        *,
+        version: int | None = None,
+        limits: Limits | None = None,
+        id: str | None = None,
+        payload: bytes | None = None,
+        content_type: str = MSGPACK,
+        deadline: float | None = None,
+    ) -> AsyncInvocation:
+        """Start an invocation and return a handle to await or :meth:`~AsyncInvocation.cancel`.
+
+        Raises at once (not when awaited) for problems of the call, like :meth:`invoke`.
+        """
+        fn, data, effective = self._prepare(name, event, version, limits, payload, content_type)
+        self._admit()
+        ticket = _Ticket()
+        invocation_id = id or uuid.uuid4().hex
+        task = asyncio.ensure_future(self._execute(fn, data, content_type, effective, deadline,
+                                                   invocation_id, ticket))
+        ticket.task = task
+        return AsyncInvocation(invocation_id, ticket, task)
+
+    def stream(
+        self,
+        name: str,
+        event: Any = None,
+        *,
+        version: int | None = None,
+        limits: Limits | None = None,
+        id: str | None = None,
+        payload: bytes | None = None,
+        content_type: str = MSGPACK,
+        deadline: float | None = None,
+        raw: bool = False,
+    ) -> InvocationStream:
+        """Start an invocation of a generator function and iterate its chunks as they come.
+
+        ``async for value in rt.stream(...)`` yields each decoded value (the encoded bytes with
+        ``raw=True``); afterwards ``await stream.result()`` gives the final result. A slow
+        consumer slows the function down (the channel is not read while
+        ``STREAM_BUFFER_CHUNKS`` chunks wait), so nothing is buffered without bound.
+        """
+        fn, data, effective = self._prepare(name, event, version, limits, payload, content_type)
+        self._admit()
+        ticket = _Ticket()
+        invocation_id = id or uuid.uuid4().hex
+        stream = InvocationStream(invocation_id, ticket, _decoder(content_type, effective), raw)
+        task = asyncio.ensure_future(self._execute(fn, data, content_type, effective, deadline,
+                                                   invocation_id, ticket, stream._on_chunk))
+        ticket.task = task
+        stream._task = task
+        task.add_done_callback(lambda _: stream._wake())
+        return stream
+
+    async def map(self, name: str, events: Iterable[Any], *, limits: Limits | None = None
+                  ) -> list[InvocationResult]:
+        """Invoke ``name`` once per event, concurrently; results in the order of the events."""
+        handles = [self.submit(name, event, limits=limits) for event in events]
+        return [await handle for handle in handles]
+
+    # introspection ------------------------------------------------------------------------------
+    def info(self) -> dict[str, Any]:
+        """Version, profiles, pool sizes, queue, and the isolation in force."""
+        pools = {}
+        for name, pool in self._pools.items():
+            sizes = pool.sizes()
+            zyg = pool.zygote
+            pools[name] = {**sizes, "zygote_pid": zyg.pid if zyg is not None else None,
+                           "zygote_rss_bytes": zyg.rss_bytes if zyg is not None else None,
+                           "zygote_starts": pool.zygote_starts}
+        return {
+            "version": __version__,
+            "profiles": self.profiles,
+            "pools": pools,
+            "running": self._running,
+            "queued": self._queued,
+            "max_concurrency": self.max_concurrency,
+            "max_queue": self.max_queue,
+            "min_idle": self.min_idle,
+            "limits": self.limits.to_dict(),
+            "max_limits": None if self.max_limits is None else self.max_limits.to_dict(),
+            "isolation": {"cgroups": self._cgroup_report},
+        }
+
+
+def _validate_payload(data: bytes, content_type: str) -> None:
+    """A payload must decode, so a malformed one fails the call, not the worker."""
+    if not data:
+        return
+    try:
+        if content_type == JSON:
+            json.loads(data)
+        else:
+            protocol.strict_unpackb(data, max_bytes=len(data))
+    except (ValueError, RecursionError, ProtocolError) as exc:
+        kind = "JSON" if content_type == JSON else "msgpack"
+        raise InvalidRequest(f"the payload is not valid {kind}: {exc}") from None
+
+
+def _decoder(content_type: str, limits: Limits) -> Any:
+    cap = limits.max_result_bytes or MAX_EVENT_BYTES
+
+    def decode(data: bytes) -> Any:
+        if not data:
+            return None
+        if content_type == JSON:
+            try:
+                return json.loads(data)
+            except (ValueError, RecursionError) as exc:
+                raise ProtocolError(f"invalid JSON: {exc}") from None
+        return protocol.strict_unpackb(data, max_bytes=max(cap, len(data)))
+
+    return decode
+
+
+def _cancelled(invocation_id: str, queue_s: float) -> InvocationResult:
+    return InvocationResult(id=invocation_id, outcome=Outcome.CANCELLED,
+                            error=ErrorInfo("Cancelled", "the caller cancelled the invocation "
+                                            "before it started"),
+                            stats=Stats(queue_s=queue_s, worker_invocations=0))
+
+
+class AsyncInvocation:
+    """A running invocation: ``await`` it for the result, or :meth:`cancel` it."""
+
+    def __init__(self, invocation_id: str, ticket: _Ticket,
+                 task: asyncio.Task[InvocationResult]) -> None:
+        self.id = invocation_id
+        self._ticket = ticket
+        self._task = task
+
+    def cancel(self) -> None:
+        """Kill the invocation's worker (or drop it from the queue): the result is CANCELLED."""
+        self._ticket.cancel()
+
+    def done(self) -> bool:
+        return self._task.done()
+
+    def __await__(self) -> Any:
+        return self._task.__await__()
+
+
+class InvocationStream:
+    """The chunks of a generator function, as they arrive; then the final result."""
+
+    def __init__(self, invocation_id: str, ticket: _Ticket, decode: Any, raw: bool) -> None:
+        self.id = invocation_id
+        self._ticket = ticket
+        self._decode = decode
+        self._raw = raw
+        self._chunks: list[bytes] = []
+        self._head = 0
+        self._waiter: asyncio.Future[None] | None = None
+        self._task: asyncio.Task[InvocationResult] | None = None
+        self._paused = False
+
+    def _on_chunk(self, data: bytes) -> None:
+        self._chunks.append(data)
+        if len(self._chunks) - self._head >= STREAM_BUFFER_CHUNKS:
+            execution = self._ticket.execution
+            if execution is not None:
+                execution.worker.pause_reading()
+                self._paused = True
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    def __aiter__(self) -> AsyncIterator[Any]:
+        return self
+
+    async def __anext__(self) -> Any:
+        assert self._task is not None
+        while self._head >= len(self._chunks):
+            if self._task.done():
+                raise StopAsyncIteration
+            self._waiter = asyncio.get_running_loop().create_future()
+            await self._waiter
+        data = self._chunks[self._head]
+        self._chunks[self._head] = b""
+        self._head += 1
+        if self._head > 1024 and self._head * 2 > len(self._chunks):
+            del self._chunks[: self._head]
+            self._head = 0
+        if self._paused and len(self._chunks) - self._head < STREAM_BUFFER_CHUNKS // 2:
+            self._paused = False
+            execution = self._ticket.execution
+            if execution is not None:
+                execution.worker.resume_reading()
+        if self._raw:
+            return data
+        try:
+            return self._decode(data)
+        except ProtocolError:
+            self.cancel()
+            raise
+
+    async def result(self) -> InvocationResult:
+        """The final result (waits for the end of the stream; unread chunks are dropped)."""
+        assert self._task is not None
+        if self._paused:
+            self._paused = False
+            execution = self._ticket.execution
+            if execution is not None:
+                execution.worker.resume_reading()
+        self._head = len(self._chunks)
+        return await self._task
+
+    def cancel(self) -> None:
+        """Stop the function now; the result will be CANCELLED."""
+        self._ticket.cancel()
+
+
+# -- sync wrapper -----------------------------------------------------------------------------------
+
+class Invocation:
+    """A running invocation of a sync :class:`Runtime`."""
+
+    def __init__(self, runtime: Runtime, handle: AsyncInvocation,
+                 future: concurrent.futures.Future[InvocationResult]) -> None:
+        self.id = handle.id
+        self._runtime = runtime
+        self._handle = handle
+        self._future = future
+
+    def cancel(self) -> None:
+        """Kill the invocation's worker; :meth:`result` then returns a CANCELLED result."""
+        self._runtime._loop.call_soon_threadsafe(self._handle.cancel)
+
+    def done(self) -> bool:
+        return self._future.done()
+
+    def result(self, timeout: float | None = None) -> InvocationResult:
+        """Wait for the result (``TimeoutError`` after ``timeout`` seconds, if given)."""
+        return self._future.result(timeout)
+
+
+class StreamIterator(Iterator[Any]):
+    """The chunks of a generator function for a sync :class:`Runtime`."""
+
+    def __init__(self, runtime: Runtime, stream: InvocationStream) -> None:
+        self._runtime = runtime
+        self._stream = stream
+        self.id = stream.id
+
+    def __iter__(self) -> StreamIterator:
+        return self
+
+    def __next__(self) -> Any:
+        try:
+            return self._runtime._call(self._stream.__anext__())
+        except StopAsyncIteration:
+            raise StopIteration from None
+
+    def result(self) -> InvocationResult:
+        return self._runtime._call(self._stream.result())
+
+    def cancel(self) -> None:
+        self._runtime._loop.call_soon_threadsafe(self._stream.cancel)
+
+
+class Runtime:
+    """The sandbox runtime for ordinary (blocking) programs; same arguments as
+    :class:`AsyncRuntime`. Starts at construction; use it as a context manager or call
+    :meth:`close`.
+
+    Example::
+
+        from sandbox import Runtime, Limits
+
+        with Runtime() as rt:
+            rt.register("add", source="def handler(event, context):\\n"
+                                      "    return event['a'] + event['b']\\n")
+            print(rt.invoke("add", {"a": 1, "b": 2}).result)   # 3
+    """
+
+    def __init__(self, profiles: Mapping[str, Sequence[str]] | None = None,
+                 **kwargs: Any) -> None:
+        self._loop = asyncio.new_event_loop()
+        ready = threading.Event()
+
+        def run() -> None:
+            asyncio.set_event_loop(self._loop)
+            self._loop.call_soon(ready.set)
+            self._loop.run_forever()
+
+        self._thread = threading.Thread(target=run, name="sandbox-runtime", daemon=True)
+        self._thread.start()
+        ready.wait()
+        self._closed = False
+
+        async def make() -> AsyncRuntime:
+            rt = AsyncRuntime(profiles, **kwargs)
+            await rt.start()
+            return rt
+
+        try:
+            self._rt: AsyncRuntime = self._call(make())
+        except BaseException:
+            self._stop_loop()
+            raise
+
+    def _call(self, coro: Any, timeout: float | None = None) -> Any:
+        future = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        try:
+            return future.result(timeout)
+        except BaseException:
+            future.cancel()
+            raise
+
+    def _in_loop(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        async def call() -> Any:
+            return fn(*args, **kwargs)
+
+        return self._call(call())
+
+    @property
+    def async_runtime(self) -> AsyncRuntime:
+        """The :class:`AsyncRuntime` underneath (lives on the runtime's own loop)."""
+        return self._rt
+
+    def register(self, name: str, **kwargs: Any) -> FunctionInfo:
+        """See :meth:`AsyncRuntime.register`."""
+        info: FunctionInfo = self._in_loop(self._rt.register, name, **kwargs)
+        return info
+
+    def unregister(self, name: str, version: int | None = None) -> None:
+        self._in_loop(self._rt.unregister, name, version)
+
+    def function(self, name: str, version: int | None = None) -> FunctionInfo:
+        info: FunctionInfo = self._in_loop(self._rt.function, name, version)
+        return info
+
+    def functions(self) -> list[FunctionInfo]:
+        infos: list[FunctionInfo] = self._in_loop(self._rt.functions)
+        return infos
+
+    def add_profile(self, name: str, modules: Sequence[str]) -> None:
+        self._call(self._rt.add_profile(name, modules))
+
+    def invoke(self, name: str, event: Any = None, **kwargs: Any) -> InvocationResult:
+        """See :meth:`AsyncRuntime.invoke`. Ctrl-C while waiting kills the worker."""
+        result: InvocationResult = self._call(self._rt.invoke(name, event, **kwargs))
+        return result
+
+    def submit(self, name: str, event: Any = None, **kwargs: Any) -> Invocation:
+        """Start an invocation; returns a handle with ``result()`` and ``cancel()``."""
+        async def start() -> tuple[AsyncInvocation, asyncio.Future[InvocationResult]]:
+            handle = self._rt.submit(name, event, **kwargs)
+            return handle, handle._task
+
+        handle, task = self._call(start())
+        future: concurrent.futures.Future[InvocationResult] = concurrent.futures.Future()
+
+        def copy(t: asyncio.Future[InvocationResult]) -> None:
+            if t.cancelled():
+                future.cancel()
+            elif t.exception() is not None:
+                future.set_exception(t.exception())  # type: ignore[arg-type]
+            else:
+                future.set_result(t.result())
+
+        self._loop.call_soon_threadsafe(task.add_done_callback, copy)
+        return Invocation(self, handle, future)
+
+    def map(self, name: str, events: Iterable[Any], **kwargs: Any) -> list[InvocationResult]:
+        """Invoke ``name`` once per event, concurrently; results in the order of the events."""
+        handles = [self.submit(name, event, **kwargs) for event in events]
+        return [h.result() for h in handles]
+
+    def stream(self, name: str, event: Any = None, **kwargs: Any) -> StreamIterator:
+        """Iterate a generator function's chunks; ``.result()`` afterwards."""
+        async def start() -> InvocationStream:
+            return self._rt.stream(name, event, **kwargs)
+
+        return StreamIterator(self, self._call(start()))
+
+    def info(self) -> dict[str, Any]:
+        data: dict[str, Any] = self._in_loop(self._rt.info)
+        return data
+
+    def close(self, grace_s: float = 5.0) -> None:
+        """Stop everything; nothing the runtime started is left running. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._call(self._rt.aclose(grace_s))
+        finally:
+            self._stop_loop()
+
+    def _stop_loop(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=30)
+        with contextlib.suppress(RuntimeError):
+            self._loop.close()
+
+    def __enter__(self) -> Runtime:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+

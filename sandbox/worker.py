@@ -1,0 +1,395 @@
+"""The worker: a child of a zygote that confines itself, then runs functions.
+
+Runs only in the forked child, never in the supervisor. Its life, in order:
+
+1. **birth** (:func:`main`, before any user byte runs): new session; death signal SIGKILL when
+   the zygote goes (then re-check the parent, which may already be gone); stdin from
+   ``/dev/null``, stdout and stderr onto the capture pipes, the channel on fd 3 and every other
+   fd closed; the isolation layers the supervisor asked for; join its cgroups; baseline
+   rlimits (no core files); then a ``ready`` frame.
+2. **serve**: read an ``invoke`` frame; apply the invocation's rlimits; load the handler (once
+   per function version: a reused worker keeps it); call ``handler(event, context)``; stream
+   a generator's values as ``chunk`` frames; send exactly one terminal frame (``result`` or
+   ``failed``). ``BaseException`` is caught, so ``SystemExit`` and ``KeyboardInterrupt`` are
+   function errors, not exits.
+3. **exit** with ``os._exit`` after its last invocation: no interpreter teardown, no atexit
+   handlers of the function, no flushing of anything but stdout/stderr.
+
+Limits set here are defence in depth. The guarantees (deadline, memory, processes) are enforced
+from outside by the supervisor.
+"""
+
+from __future__ import annotations
+
+import gc
+import importlib
+import importlib.util
+import inspect
+import json
+import os
+import resource
+import signal
+import socket
+import sys
+import time
+import traceback
+import types
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import msgpack
+
+from sandbox import _linux
+from sandbox.protocol import HEADER, encode_frame
+
+__all__ = ["Context", "main"]
+
+CHANNEL_FD = 3
+MSGPACK = "application/msgpack"
+JSON = "application/json"
+
+
+class Context:
+    """The second argument of every handler.
+
+    Attributes:
+        invocation_id: the id of this invocation (the caller's, or a generated one).
+        function_name: the registered name of the function.
+        function_version: its version number.
+        limits: the effective limits of this invocation (a dict of :class:`sandbox.Limits`
+            fields; None is unlimited).
+        deadline: ``time.monotonic()`` value after which the worker is killed, or None.
+    """
+
+    __slots__ = ("deadline", "function_name", "function_version", "invocation_id", "limits")
+
+    def __init__(self, invocation_id: str, function_name: str, function_version: int,
+                 limits: dict[str, Any], deadline: float | None) -> None:
+        self.invocation_id = invocation_id
+        self.function_name = function_name
+        self.function_version = function_version
+        self.limits = limits
+        self.deadline = deadline
+
+    def remaining_time_s(self) -> float | None:
+        """Seconds left before the wall-clock timeout kills this invocation (None: no limit)."""
+        if self.deadline is None:
+            return None
+        return max(0.0, self.deadline - time.monotonic())
+
+    def get_remaining_time_in_millis(self) -> int:
+        """AWS Lambda's spelling of :meth:`remaining_time_s`, in milliseconds (a large number
+        when there is no limit)."""
+        left = self.remaining_time_s()
+        return 2**31 - 1 if left is None else int(left * 1000)
+
+    def __repr__(self) -> str:
+        return (f"Context(invocation_id={self.invocation_id!r}, "
+                f"function={self.function_name!r}@{self.function_version})")
+
+
+# -- channel ------------------------------------------------------------------------------------
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        part = sock.recv(n - len(buf))
+        if not part:
+            raise EOFError("supervisor closed the channel")
+        buf += part
+    return bytes(buf)
+
+
+def _recv_message(sock: socket.socket) -> dict[str, Any]:
+    (length,) = HEADER.unpack(_recv_exact(sock, HEADER.size))
+    msg = msgpack.unpackb(_recv_exact(sock, length), raw=False)
+    if not isinstance(msg, dict):
+        raise EOFError("malformed message from the supervisor")
+    return msg
+
+
+def _send(sock: socket.socket, message: Mapping[str, Any]) -> None:
+    sock.sendall(encode_frame(message))
+
+
+# -- birth --------------------------------------------------------------------------------------
+
+def _birth(channel_fd: int, stdout_fd: int, stderr_fd: int, config: Mapping[str, Any]) -> None:
+    os.setsid()
+    _linux.prctl(_linux.PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != config["zygote_pid"]:
+        os._exit(70)  # the zygote died between fork and prctl
+    # The zygote's SIGCHLD plumbing must not leak into the function.
+    signal.set_wakeup_fd(-1)
+    for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(sig, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    # fds: 0 /dev/null, 1 stdout pipe, 2 stderr pipe, 3 channel, nothing else.
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    moved = {}
+    for fd in (channel_fd, stdout_fd, stderr_fd, devnull):
+        # Move out of the way of 0-3 first, so dup2 below never clobbers a source.
+        moved[fd] = os.dup(fd) if fd <= CHANNEL_FD else fd
+    os.dup2(moved[devnull], 0)
+    os.dup2(moved[stdout_fd], 1)
+    os.dup2(moved[stderr_fd], 2)
+    os.dup2(moved[channel_fd], CHANNEL_FD)
+    _linux.close_fds_except((0, 1, 2, CHANNEL_FD))
+
+    isolation = config.get("isolation")
+    if isolation:
+        from sandbox import isolation as _isolation
+
+        _isolation.apply_in_worker(isolation, config)  # type: ignore[attr-defined]
+    else:
+        for path in config.get("cgroup_procs", ()):
+            with open(path, "w") as f:
+                f.write("0\n")
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+
+
+def _rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return 0
+
+
+def _cpu_s() -> float:
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
+
+
+# -- invocation ---------------------------------------------------------------------------------
+
+_loaded: dict[str, Callable[..., Any]] = {}
+
+
+def _load(fn: Mapping[str, Any]) -> Callable[..., Any]:
+    key = fn["key"]
+    cached = _loaded.get(key)
+    if cached is not None:
+        return cached
+    kind, module_name, attr = fn["kind"], fn["module"], fn["attr"]
+    if kind == "source":
+        module = types.ModuleType("__sandbox_function__")
+        module.__file__ = f"<function {fn['name']}>"
+        sys.modules["__sandbox_function__"] = module
+        code = compile(fn["source"], module.__file__, "exec")
+        exec(code, module.__dict__)
+    elif kind == "file":
+        path = fn["path"]
+        directory = os.path.dirname(path)
+        if directory not in sys.path:
+            sys.path.insert(0, directory)
+        spec = importlib.util.spec_from_file_location(module_name, path)
+        if spec is None or spec.loader is None:
+            raise ImportError(f"cannot load {path}")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[module_name] = module
+        spec.loader.exec_module(module)
+    elif kind in ("directory", "zip"):
+        if fn["path"] not in sys.path:
+            sys.path.insert(0, fn["path"])
+        module = importlib.import_module(module_name)
+    elif kind == "ref":
+        module = importlib.import_module(module_name)
+    else:
+        raise ImportError(f"unknown function kind {kind!r}")
+    try:
+        handler = getattr(module, attr)
+    except AttributeError:
+        raise AttributeError(f"module {module_name or module.__file__!r} has no function "
+                             f"{attr!r}") from None
+    if not callable(handler):
+        raise TypeError(f"{attr!r} is not callable")
+    _loaded[key] = handler
+    return handler
+
+
+def _decode_event(data: bytes, content_type: str) -> Any:
+    if content_type == JSON:
+        return json.loads(data) if data else None
+    return msgpack.unpackb(data, raw=False, strict_map_key=False) if data else None
+
+
+def _encode(value: Any, content_type: str) -> bytes:
+    if content_type == JSON:
+        return json.dumps(value, separators=(",", ":"), allow_nan=False).encode()
+    data: bytes = msgpack.packb(value, use_bin_type=True)
+    return data
+
+
+def _apply_rlimits(limits: Mapping[str, Any], config: Mapping[str, Any]) -> None:
+    def set_limit(which: int, value: int | None) -> None:
+        if value is None:
+            return
+        soft, hard = resource.getrlimit(which)
+        value = value if hard == resource.RLIM_INFINITY else min(value, hard)
+        resource.setrlimit(which, (value, value))
+
+    cpu = limits.get("cpu_time_s")
+    if cpu is not None:
+        # The kernel counts whole seconds; the supervisor's watchdog is the precise bound.
+        soft = int(_cpu_s() + cpu) + 1
+        resource.setrlimit(resource.RLIMIT_CPU, (soft, soft + 1))
+    set_limit(resource.RLIMIT_NOFILE, limits.get("max_open_files"))
+    set_limit(resource.RLIMIT_FSIZE, limits.get("max_file_size_bytes"))
+    if not config.get("memory_cgroup") and limits.get("memory_bytes") is not None:
+        set_limit(resource.RLIMIT_DATA, limits["memory_bytes"])
+    if os.getuid() != 0 and limits.get("max_processes") is not None:
+        set_limit(resource.RLIMIT_NPROC, limits["max_processes"])
+
+
+def _describe(exc: BaseException) -> tuple[str, str, str]:
+    cls = type(exc)
+    name = cls.__qualname__ if cls.__module__ in ("builtins", "__main__") else \
+        f"{cls.__module__}.{cls.__qualname__}"
+    try:
+        message = str(exc)
+    except BaseException:  # a hostile __str__
+        message = f"<{name} with an unprintable message>"
+    try:
+        tb = "".join(traceback.format_exception(exc))
+    except BaseException:
+        tb = ""
+    return name, message, tb
+
+
+def _flush_stdio() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            if stream is not None:
+                stream.flush()
+        except BaseException:
+            pass
+    for stream in (sys.__stdout__, sys.__stderr__):
+        try:
+            if stream is not None:
+                stream.flush()
+        except BaseException:
+            pass
+
+
+def _iterate(value: Any) -> Iterator[Any] | None:
+    """The values to stream, if the handler returned a generator (sync or async)."""
+    if inspect.isgenerator(value):
+        return value
+    if inspect.isasyncgen(value):
+        import asyncio
+
+        agen = value
+
+        def drive() -> Iterator[Any]:
+            loop = asyncio.new_event_loop()
+            try:
+                while True:
+                    try:
+                        yield loop.run_until_complete(agen.__anext__())
+                    except StopAsyncIteration:
+                        return
+            finally:
+                loop.close()
+
+        return drive()
+    return None
+
+
+def _invoke(sock: socket.socket, msg: Mapping[str, Any], config: Mapping[str, Any]) -> None:
+    """Run one invocation and send exactly one terminal frame."""
+    limits: dict[str, Any] = msg["limits"]
+    content_type: str = msg["ct"]
+    cap = limits.get("max_result_bytes")
+    timeout = msg.get("timeout")
+    deadline = None if timeout is None else time.monotonic() + timeout
+    fn = msg["fn"]
+    terminal: dict[str, Any]
+    try:
+        _apply_rlimits(limits, config)
+        handler = _load(fn)
+        event = _decode_event(msg["event"], content_type)
+        context = Context(msg["id"], fn["name"], fn["version"], limits, deadline)
+        value = handler(event, context)
+        if inspect.iscoroutine(value):
+            import asyncio
+
+            value = asyncio.run(value)
+        chunks = _iterate(value)
+        if chunks is not None:
+            total = 0
+            for item in chunks:
+                try:
+                    data = _encode(item, content_type)
+                except Exception as exc:
+                    raise _EncodeError(exc) from exc
+                total += len(data)
+                if cap is not None and total > cap:
+                    raise _OutputLimit(f"streamed chunks exceed max_result_bytes={cap} "
+                                       f"(at least {total} bytes)")
+                _send(sock, {"t": "chunk", "data": data})
+            terminal = {"t": "result", "data": b"", "streamed": True}
+        else:
+            try:
+                data = _encode(value, content_type)
+            except Exception as exc:
+                raise _EncodeError(exc) from exc
+            if cap is not None and len(data) > cap:
+                raise _OutputLimit(f"result is {len(data)} bytes, over max_result_bytes={cap}")
+            terminal = {"t": "result", "data": data, "streamed": False}
+    except _OutputLimit as exc:
+        terminal = {"t": "failed", "type": "OutputLimitExceeded", "message": str(exc),
+                    "traceback": "", "output_limit": True}
+    except _EncodeError as exc:
+        inner = exc.__cause__ or exc
+        name, message, _ = _describe(inner)
+        kind = "JSON" if content_type == JSON else "msgpack"
+        terminal = {"t": "failed", "type": "ResultEncodingError",
+                    "message": f"the result cannot be encoded as {kind}: {name}: {message}",
+                    "traceback": "", "output_limit": False}
+    except BaseException as exc:  # noqa: BLE001 - SystemExit and KeyboardInterrupt included
+        name, message, tb = _describe(exc)
+        terminal = {"t": "failed", "type": name, "message": message, "traceback": tb,
+                    "output_limit": False}
+    _flush_stdio()
+    terminal["rss"] = _rss_bytes()
+    terminal["cpu"] = _cpu_s()
+    _send(sock, terminal)
+
+
+class _OutputLimit(Exception):
+    pass
+
+
+class _EncodeError(Exception):
+    pass
+
+
+def main(channel_fd: int, stdout_fd: int, stderr_fd: int, config: Mapping[str, Any]) -> None:
+    """The worker's whole life. Called in the zygote's child; never returns."""
+    code = 0
+    try:
+        _birth(channel_fd, stdout_fd, stderr_fd, config)
+        sock = socket.socket(fileno=CHANNEL_FD)
+        sock.setblocking(True)
+        _send(sock, {"t": "ready", "pid": os.getpid(), "rss": _rss_bytes(), "posture": {}})
+        gc.enable()
+        while True:
+            try:
+                msg = _recv_message(sock)
+            except (EOFError, OSError):
+                break  # the supervisor let go of this worker
+            if msg.get("t") != "invoke":
+                break
+            _invoke(sock, msg, config)
+            if msg.get("last", True):
+                break
+    except BaseException:  # noqa: BLE001 - report birth failures on stderr, then exit
+        try:
+            traceback.print_exc()
+            _flush_stdio()
+        finally:
+            code = 71
+    finally:
+        os._exit(code)

@@ -1,0 +1,251 @@
+"""The zygote process: preload once, then only fork workers.
+
+Started by the supervisor as a fresh ``exec`` of ``sys.executable -I`` with a minimal
+environment (see :func:`command` and :func:`environment`), never forked from the supervisor,
+so it never inherits a thread, a gRPC object or a lock held by another thread. Its life:
+
+1. death signal (SIGKILL when the supervisor thread that started it exits), child subreaper
+   (orphaned grandchildren of workers come back to it, to be reaped, not to init);
+2. import the profile's modules, with BLAS/OpenMP pools pinned to one thread by the
+   environment, then ``gc.freeze()`` so a worker's first collection copies nothing;
+3. ``zready`` (or ``zfailed`` naming the module that would not import, then exit);
+4. loop on a selector: ``spawn`` requests on the control socket, SIGCHLD through a wakeup fd.
+
+Before every fork it checks ``/proc/self/task``: a zygote that gained a thread (a preloaded
+module started one) refuses with ``spawn_failed`` and the supervisor replaces it. It reaps every
+child (workers and orphans) with ``wait4`` and reports ``exited`` with status and rusage. When
+the control socket closes it SIGKILLs its workers and exits.
+
+This module must stay lean: it is imported into every zygote, so it imports no asyncio, no
+gRPC and nothing of the supervisor.
+"""
+
+from __future__ import annotations
+
+import gc
+import importlib
+import os
+import selectors
+import signal
+import socket
+import sys
+import traceback
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import msgpack
+
+from sandbox import _linux
+
+__all__ = ["command", "environment", "serve"]
+
+MAX_CONTROL_MESSAGE = 256 * 1024
+
+#: Variables every zygote gets; nothing else of the supervisor's environment is passed, except
+#: the few in _PASS_THROUGH.
+_BASE_ENV = {
+    "PATH": "/usr/local/bin:/usr/bin:/bin",
+    "LANG": "C.UTF-8",
+    "LC_ALL": "C.UTF-8",
+    "PYTHONHASHSEED": "random",
+    "PYTHONDONTWRITEBYTECODE": "1",
+    # One thread per BLAS/OpenMP pool: a zygote must stay single-threaded to fork safely.
+    "OMP_NUM_THREADS": "1",
+    "OPENBLAS_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+    "VECLIB_MAXIMUM_THREADS": "1",
+    "NUMEXPR_NUM_THREADS": "1",
+    "GOTO_NUM_THREADS": "1",
+}
+# OpenBLAS needs these on some processors to compute correctly at all.
+_PASS_THROUGH = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "TZ")
+
+
+def environment(instance: str, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The minimal environment of a zygote (and so of its workers)."""
+    env = dict(_BASE_ENV)
+    for name in _PASS_THROUGH:
+        if name in os.environ:
+            env[name] = os.environ[name]
+    env["SANDBOX_INSTANCE"] = instance
+    if extra:
+        env.update(extra)
+    return env
+
+
+def command(modules: Sequence[str], sys_path: Sequence[str], parent_pid: int,
+            control_fd: int) -> list[str]:
+    """The argv that starts a zygote (isolated mode; sys.path given explicitly)."""
+    boot = (
+        "import sys; sys.path[:0] = [p for p in sys.argv[1].split(':') if p]; "
+        "from sandbox.zygote import serve; serve(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))"
+    )
+    return [sys.executable, "-I", "-c", boot, ":".join(sys_path), ",".join(modules),
+            str(parent_pid), str(control_fd)]
+
+
+def _send(sock: socket.socket, message: Mapping[str, Any], fds: Sequence[int] = ()) -> None:
+    data = msgpack.packb(message, use_bin_type=True)
+    if fds:
+        socket.send_fds(sock, [data], list(fds))
+    else:
+        sock.send(data)
+
+
+def _preload(modules: Sequence[str], sock: socket.socket) -> bool:
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except BaseException as exc:  # noqa: BLE001 - report any failure, then exit
+            _send(sock, {"t": "zfailed", "module": name,
+                         "error": f"{type(exc).__name__}: {exc}",
+                         "traceback": traceback.format_exc()})
+            return False
+    return True
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def serve(modules_arg: str, parent_pid: int, control_fd: int) -> None:
+    """The zygote's main loop. Runs in the exec'd zygote process; never returns."""
+    code = 0
+    try:
+        _linux.prctl(_linux.PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent_pid:
+            os._exit(0)  # the supervisor is already gone
+        _linux.prctl(_linux.PR_SET_CHILD_SUBREAPER, 1)
+        sock = socket.socket(fileno=control_fd)
+        sock.setblocking(True)
+        modules = [m for m in modules_arg.split(",") if m]
+        # Import the worker side now: it is part of every worker, so it belongs in the snapshot.
+        from sandbox import worker
+
+        if not _preload(modules, sock):
+            os._exit(0)
+        gc.collect()
+        gc.freeze()
+        _Zygote(sock, modules, worker).run()
+    except BaseException:  # noqa: BLE001
+        traceback.print_exc()
+        code = 1
+    finally:
+        os._exit(code)
+
+
+class _Zygote:
+    def __init__(self, sock: socket.socket, modules: list[str], worker: Any) -> None:
+        self.sock = sock
+        self.modules = modules
+        self.worker = worker
+        self.children: set[int] = set()
+        self.wake_r, self.wake_w = os.pipe()
+        os.set_blocking(self.wake_r, False)
+        os.set_blocking(self.wake_w, False)
+
+    def run(self) -> None:
+        signal.set_wakeup_fd(self.wake_w, warn_on_full_buffer=False)
+        signal.signal(signal.SIGCHLD, lambda signum, frame: None)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the supervisor
+        _send(self.sock, {"t": "zready", "pid": os.getpid(), "modules": self.modules,
+                          "rss": _rss_bytes(), "threads": _linux.thread_count()})
+        selector = selectors.DefaultSelector()
+        selector.register(self.sock, selectors.EVENT_READ, "control")
+        selector.register(self.wake_r, selectors.EVENT_READ, "sigchld")
+        try:
+            while True:
+                for key, _ in selector.select():
+                    if key.data == "sigchld":
+                        self._drain_wakeup()
+                        self._reap()
+                    elif not self._on_control():
+                        return
+        finally:
+            for pid in list(self.children):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except OSError:
+                    pass
+
+    def _drain_wakeup(self) -> None:
+        try:
+            while os.read(self.wake_r, 4096):
+                pass
+        except BlockingIOError:
+            pass
+
+    def _reap(self) -> None:
+        while True:
+            try:
+                pid, status, ru = os.wait4(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            was_worker = pid in self.children
+            self.children.discard(pid)
+            if was_worker:
+                _send(self.sock, {"t": "exited", "pid": pid, "status": status,
+                                  "cpu": ru.ru_utime + ru.ru_stime,
+                                  "maxrss": ru.ru_maxrss * 1024})
+
+    def _on_control(self) -> bool:
+        try:
+            data, fds, _flags, _addr = socket.recv_fds(self.sock, MAX_CONTROL_MESSAGE, 8)
+        except (ConnectionError, OSError):
+            return False
+        if not data:
+            for fd in fds:
+                os.close(fd)
+            return False  # the supervisor is gone
+        msg = msgpack.unpackb(data, raw=False)
+        if msg.get("t") == "spawn":
+            self._spawn(msg, fds)
+        else:
+            for fd in fds:
+                os.close(fd)
+        return True
+
+    def _spawn(self, msg: dict[str, Any], fds: list[int]) -> None:
+        token = msg["token"]
+        if len(fds) != 3:
+            for fd in fds:
+                os.close(fd)
+            _send(self.sock, {"t": "spawn_failed", "token": token,
+                              "error": f"spawn needs 3 fds, got {len(fds)}"})
+            return
+        threads = _linux.thread_count()
+        if threads != 1:
+            for fd in fds:
+                os.close(fd)
+            _send(self.sock, {"t": "spawn_failed", "token": token, "fatal": True,
+                              "error": f"zygote has {threads} threads; refusing to fork"})
+            return
+        config = dict(msg["config"])
+        config["zygote_pid"] = os.getpid()
+        for stream in (sys.stdout, sys.stderr):
+            if stream is not None:
+                stream.flush()
+        try:
+            pid = os.fork()
+        except OSError as exc:
+            for fd in fds:
+                os.close(fd)
+            _send(self.sock, {"t": "spawn_failed", "token": token, "error": f"fork: {exc}"})
+            return
+        if pid == 0:  # the worker; never returns
+            try:
+                self.worker.main(fds[0], fds[1], fds[2], config)
+            finally:
+                os._exit(72)
+        for fd in fds:
+            os.close(fd)
+        self.children.add(pid)
+        pidfd = os.pidfd_open(pid)
+        try:
+            _send(self.sock, {"t": "spawned", "token": token, "pid": pid}, [pidfd])
+        finally:
+            os.close(pidfd)

@@ -422,8 +422,29 @@ class WorkerHandle:
                 capture.add(data)
 
     # death ------------------------------------------------------------------------------------
+    def _drain_channel(self) -> None:
+        """After the death: read what the worker wrote before it died, even while paused (the
+        socket buffer bounds it; a bounded number of reads guards against a grandchild that
+        keeps writing)."""
+        if self.closed or self.channel_eof:
+            return
+        for _ in range(256):
+            if self.channel_eof or self.violation is not None or self.closed:
+                return
+            try:
+                data = self.sock.recv(_READ_SIZE, socket.MSG_PEEK)
+            except BlockingIOError:
+                return
+            except OSError:
+                return
+            if not data:
+                self._on_channel()  # records the EOF
+                return
+            self._on_channel()
+
     def _on_dead(self) -> None:
         self.loop.remove_reader(self.pidfd)
+        self._drain_channel()
         if not self.dead.done():
             self.dead.set_result(None)
         if not self.ready.done():
@@ -737,6 +758,7 @@ class Pool:
         self._names = itertools.count(1)
         self._refill_tasks: set[asyncio.Task[None]] = set()
         self._refill_failures = 0
+        self._waiters: list[asyncio.Future[None]] = []
 
     # zygote -------------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -868,6 +890,10 @@ class Pool:
             self._reap(worker)
 
     def on_worker_dead(self, worker: WorkerHandle) -> None:
+        if self.closed:
+            if worker.closed:
+                self._reap(worker)
+            return
         if worker.execution is None and not worker.closed:
             log.info("idle worker %s of %s died; replacing it", worker.pid, self.profile)
             self.discard(worker)
@@ -932,6 +958,21 @@ class Pool:
             self.discard(worker)
             return
         self.idle.append(worker)
+        self._notify()
+
+    def _notify(self) -> None:
+        for waiter in self._waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+        self._waiters.clear()
+
+    async def wait_warm(self) -> None:
+        """Wait until ``min_idle`` workers are idle (event-driven, no polling)."""
+        while len(self.idle) < self.min_idle and not self.closed:
+            waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+            self.refill()
+            await waiter
 
     def sizes(self) -> dict[str, int]:
         return {
@@ -944,6 +985,7 @@ class Pool:
     async def close(self) -> None:
         """Kill every worker and the zygote; wait (bounded) until they are gone."""
         self.closed = True
+        self._notify()
         for task in list(self._refill_tasks):
             task.cancel()
         if self._zygote_starting is not None:

@@ -180,8 +180,13 @@ class AsyncRuntime:
             self._cgroup_report = {"available": False, "enabled": False,
                                    "reason": "disabled by configuration"}
             return
-        from sandbox import cgroups as cg
         from sandbox.errors import IsolationUnavailable
+
+        try:
+            from sandbox import cgroups as cg
+        except ImportError as exc:  # pragma: no cover - transitional
+            self._cgroup_report = {"available": False, "enabled": False, "reason": str(exc)}
+            return
 
         manager = cg.CgroupManager(prefix="sandbox")
         report = manager.report.to_dict()
@@ -567,6 +572,15 @@ class AsyncRuntime:
         handles = [self.submit(name, event, limits=limits) for event in events]
         return [await handle for handle in handles]
 
+    async def wait_warm(self, timeout: float | None = 60.0) -> None:
+        """Wait until every pool has ``min_idle`` ready workers (e.g. before measuring).
+
+        Raises:
+            TimeoutError: not warm within ``timeout`` seconds.
+        """
+        await asyncio.wait_for(
+            asyncio.gather(*(pool.wait_warm() for pool in self._pools.values())), timeout)
+
     # introspection ------------------------------------------------------------------------------
     def info(self) -> dict[str, Any]:
         """Version, profiles, pool sizes, queue, and the isolation in force."""
@@ -811,6 +825,9 @@ class Runtime:
             raise
 
     def _call(self, coro: Any, timeout: float | None = None) -> Any:
+        if self._loop.is_closed():
+            coro.close()
+            raise ShuttingDown("the runtime is closed")
         future = asyncio.run_coroutine_threadsafe(coro, self._loop)
         try:
             return future.result(timeout)
@@ -888,6 +905,10 @@ class Runtime:
     def info(self) -> dict[str, Any]:
         data: dict[str, Any] = self._in_loop(self._rt.info)
         return data
+
+    def wait_warm(self, timeout: float | None = 60.0) -> None:
+        """See :meth:`AsyncRuntime.wait_warm`."""
+        self._call(self._rt.wait_warm(timeout))
 
     def close(self, grace_s: float = 5.0) -> None:
         """Stop everything; nothing the runtime started is left running. Idempotent."""

@@ -245,7 +245,7 @@ def _apply_rlimits(limits: Mapping[str, Any], config: Mapping[str, Any]) -> None
 
 def _describe(exc: BaseException) -> tuple[str, str, str]:
     cls = type(exc)
-    name = cls.__qualname__ if cls.__module__ in ("builtins", "__main__") else \
+    name = cls.__qualname__ if cls.__module__ in ("builtins", "__main__", "__sandbox_function__") else \
         f"{cls.__module__}.{cls.__qualname__}"
     try:
         message = str(exc)

@@ -1,0 +1,98 @@
+"""Shared fixtures: a runtime per test, and a guard that fails any test leaving a process behind.
+
+Every process the runtime starts (zygotes, workers, and whatever a function forks) carries
+``SANDBOX_INSTANCE`` in its environment; the guard finds them through ``/proc/*/environ``, plus
+any child of the test process itself.
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import os
+import signal
+import time
+from collections.abc import Iterator
+
+import psutil
+import pytest
+
+from sandbox import Runtime
+
+faulthandler.enable()
+
+#: Deadlock guard for waiting on the kernel to finish killing and reaping (not a sync sleep).
+LEFTOVER_GRACE_S = 10.0
+
+
+def marked_processes() -> set[int]:
+    """Pids of live processes started by a sandbox runtime (SANDBOX_INSTANCE in environ)."""
+    found = set()
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/environ", "rb") as f:
+                env = f.read()
+            with open(f"/proc/{name}/stat") as f:
+                state = f.read().rpartition(")")[2].split()[0]
+        except OSError:
+            continue
+        if b"SANDBOX_INSTANCE=" in env and state != "Z":
+            found.add(int(name))
+    return found
+
+
+def leftovers(baseline: set[int]) -> set[int]:
+    me = psutil.Process()
+    children = {p.pid for p in me.children(recursive=True)
+                if p.status() != psutil.STATUS_ZOMBIE}
+    return (marked_processes() | children) - baseline
+
+
+@pytest.fixture(autouse=True)
+def no_process_left_behind() -> Iterator[None]:
+    """Fail the test if any process it caused is still alive after it (after a bounded wait
+    for the kernel to finish deaths already under way)."""
+    baseline = leftovers(set())
+    yield
+    deadline = time.monotonic() + LEFTOVER_GRACE_S
+    left = leftovers(baseline)
+    while left and time.monotonic() < deadline:
+        # Deaths are asynchronous in the kernel; wait on each pid's exit, bounded.
+        for pid in left:
+            try:
+                psutil.Process(pid).wait(timeout=max(0.0, deadline - time.monotonic()))
+            except (psutil.NoSuchProcess, psutil.TimeoutExpired):
+                pass
+        left = leftovers(baseline)
+    if left:
+        details = []
+        for pid in left:
+            try:
+                p = psutil.Process(pid)
+                details.append(f"{pid} {p.name()} {p.cmdline()[:4]}")
+                os.kill(pid, signal.SIGKILL)
+            except (psutil.NoSuchProcess, ProcessLookupError):
+                continue
+        if details:
+            pytest.fail("processes left behind: " + "; ".join(details))
+
+
+@pytest.fixture
+def rt() -> Iterator[Runtime]:
+    """A started runtime with one warm worker per profile, closed after the test."""
+    runtime = Runtime(min_idle=1)
+    try:
+        yield runtime
+    finally:
+        runtime.close()
+
+
+def cgroup_report() -> dict[str, object]:
+    from sandbox.cgroups import CgroupManager
+
+    manager = CgroupManager(prefix="sandbox-probe")
+    try:
+        return {"available": manager.available, **manager.report.to_dict()}
+    finally:
+        manager.close()

@@ -10,7 +10,7 @@ call itself or the runtime::
     │   └── IsolationUnavailable    a required isolation layer is missing on this machine
     ├── FunctionNotFound            no function (or version) by that name        → NOT_FOUND
     ├── InvalidRequest              malformed event, payload or limits           → INVALID_ARGUMENT
-    ├── Overloaded                  the bounded queue is full                     → RESOURCE_EXHAUSTED
+    ├── Overloaded                  the bounded queue is full                → RESOURCE_EXHAUSTED
     ├── ShuttingDown                the runtime is closing or closed             → UNAVAILABLE
     ├── InvocationFailed            raised by ``InvocationResult.unwrap()`` for a non-OK outcome
     └── ProtocolError               a peer broke the wire protocol (internal; a worker doing

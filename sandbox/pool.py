@@ -43,6 +43,8 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+import msgpack
+
 from sandbox import protocol, zygote
 from sandbox.errors import ProfileError, ProtocolError, SandboxError
 from sandbox.limits import Limits, format_size
@@ -177,11 +179,10 @@ class ZygoteHandle:
             self.rss_bytes = int(msg.get("rss", 0))
             if not self._started.done():
                 self._started.set_result(None)
-        elif kind == "zfailed":
-            if not self._started.done():
-                self._started.set_exception(ProfileError(
-                    f"profile {self.profile!r}: cannot import {msg['module']!r}: "
-                    f"{msg['error']}"))
+        elif kind == "zfailed" and not self._started.done():
+            self._started.set_exception(ProfileError(
+                f"profile {self.profile!r}: cannot import {msg['module']!r}: "
+                f"{msg['error']}"))
         for fd in fds if kind != "spawned" else ():
             os.close(fd)
 
@@ -230,7 +231,7 @@ class ZygoteHandle:
         token = next(self._tokens)
         fut: asyncio.Future[tuple[int, int]] = self._loop.create_future()
         self._pending[token] = fut
-        data = protocol.msgpack.packb({"t": "spawn", "token": token, "config": dict(config)},
+        data = msgpack.packb({"t": "spawn", "token": token, "config": dict(config)},
                                       use_bin_type=True)
         try:
             socket.send_fds(self._sock, [data], list(fds))
@@ -238,7 +239,11 @@ class ZygoteHandle:
             # The zygote is behind on reading; its queue is bounded, so wait for room.
             writable: asyncio.Future[None] = self._loop.create_future()
             fd = self._sock.fileno()
-            self._loop.add_writer(fd, lambda: writable.done() or writable.set_result(None))
+            def on_writable() -> None:
+                if not writable.done():
+                    writable.set_result(None)
+
+            self._loop.add_writer(fd, on_writable)
             try:
                 await writable
             finally:
@@ -653,10 +658,9 @@ class Execution:
         if self.limits.cpu_time_s is not None:
             self._timers.append(self.loop.call_later(
                 max(0.005, self.limits.cpu_time_s / (os.cpu_count() or 1)), self._on_cpu_check))
-        try:
+        with contextlib.suppress(OSError):
+            # On failure the worker died or closed the channel: its death decides.
             await worker.send(message)
-        except OSError:
-            pass  # the worker died or closed the channel: its death decides
         try:
             await self.done
         finally:

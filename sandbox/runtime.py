@@ -141,7 +141,10 @@ class AsyncRuntime:
         self.max_concurrency = max_concurrency
         self.max_queue = max_queue
         self._cgroups_wanted = cgroups
-        self.instance = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        # Every process of this runtime carries SANDBOX_INSTANCE=<instance> in its environment,
+        # so an operator (or a test) can find them; SANDBOX_INSTANCE_TAG prefixes it.
+        tag = os.environ.get("SANDBOX_INSTANCE_TAG", "")
+        self.instance = f"{tag + '/' if tag else ''}{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._functions: dict[str, dict[int, FunctionInfo]] = {}
         self._pools: dict[str, Pool] = {}
         self._cgroups: Any = None
@@ -735,7 +738,7 @@ class InvocationStream:
         self._ticket.cancel()
 
 
-# -- sync wrapper -----------------------------------------------------------------------------------
+# -- sync wrapper --------------------------------------------------------------------------------
 
 class Invocation:
     """A running invocation of a sync :class:`Runtime`."""
@@ -777,7 +780,8 @@ class StreamIterator(Iterator[Any]):
             raise StopIteration from None
 
     def result(self) -> InvocationResult:
-        return self._runtime._call(self._stream.result())
+        result: InvocationResult = self._runtime._call(self._stream.result())
+        return result
 
     def cancel(self) -> None:
         self._runtime._loop.call_soon_threadsafe(self._stream.cancel)
@@ -883,7 +887,7 @@ class Runtime:
             if t.cancelled():
                 future.cancel()
             elif t.exception() is not None:
-                future.set_exception(t.exception())  # type: ignore[arg-type]
+                future.set_exception(t.exception())
             else:
                 future.set_result(t.result())
 

@@ -206,7 +206,7 @@ def _load(fn: Mapping[str, Any]) -> Callable[..., Any]:
     if not callable(handler):
         raise TypeError(f"{attr!r} is not callable")
     _loaded[key] = handler
-    return handler
+    return handler  # type: ignore[no-any-return]
 
 
 def _decode_event(data: bytes, content_type: str) -> Any:
@@ -226,7 +226,7 @@ def _apply_rlimits(limits: Mapping[str, Any], config: Mapping[str, Any]) -> None
     def set_limit(which: int, value: int | None) -> None:
         if value is None:
             return
-        soft, hard = resource.getrlimit(which)
+        _, hard = resource.getrlimit(which)
         value = value if hard == resource.RLIM_INFINITY else min(value, hard)
         resource.setrlimit(which, (value, value))
 
@@ -245,14 +245,18 @@ def _apply_rlimits(limits: Mapping[str, Any], config: Mapping[str, Any]) -> None
 
 def _describe(exc: BaseException) -> tuple[str, str, str]:
     cls = type(exc)
-    name = cls.__qualname__ if cls.__module__ in ("builtins", "__main__", "__sandbox_function__") else \
-        f"{cls.__module__}.{cls.__qualname__}"
+    plain = cls.__module__ in ("builtins", "__main__", "__sandbox_function__")
+    name = cls.__qualname__ if plain else f"{cls.__module__}.{cls.__qualname__}"
     try:
         message = str(exc)
     except BaseException:  # a hostile __str__
         message = f"<{name} with an unprintable message>"
     try:
-        tb = "".join(traceback.format_exception(exc))
+        # Our own frames (loading, calling) are noise to the function's author.
+        te = traceback.TracebackException.from_exception(exc)
+        te.stack = traceback.StackSummary.from_list(
+            [f for f in te.stack if f.filename != __file__])
+        tb = "".join(te.format())
     except BaseException:
         tb = ""
     return name, message, tb
@@ -348,7 +352,7 @@ def _invoke(sock: socket.socket, msg: Mapping[str, Any], config: Mapping[str, An
         terminal = {"t": "failed", "type": "ResultEncodingError",
                     "message": f"the result cannot be encoded as {kind}: {name}: {message}",
                     "traceback": "", "output_limit": False}
-    except BaseException as exc:  # noqa: BLE001 - SystemExit and KeyboardInterrupt included
+    except BaseException as exc:
         name, message, tb = _describe(exc)
         terminal = {"t": "failed", "type": name, "message": message, "traceback": tb,
                     "output_limit": False}
@@ -385,7 +389,7 @@ def main(channel_fd: int, stdout_fd: int, stderr_fd: int, config: Mapping[str, A
             _invoke(sock, msg, config)
             if msg.get("last", True):
                 break
-    except BaseException:  # noqa: BLE001 - report birth failures on stderr, then exit
+    except BaseException:
         try:
             traceback.print_exc()
             _flush_stdio()

@@ -96,7 +96,7 @@ def _preload(modules: Sequence[str], sock: socket.socket) -> bool:
     for name in modules:
         try:
             importlib.import_module(name)
-        except BaseException as exc:  # noqa: BLE001 - report any failure, then exit
+        except BaseException as exc:
             _send(sock, {"t": "zfailed", "module": name,
                          "error": f"{type(exc).__name__}: {exc}",
                          "traceback": traceback.format_exc()})
@@ -128,7 +128,9 @@ def serve(modules_arg: str, parent_pid: int, control_fd: int) -> None:
         gc.collect()
         gc.freeze()
         _Zygote(sock, modules, worker).run()
-    except BaseException:  # noqa: BLE001
+    except (BrokenPipeError, ConnectionError):
+        code = 0  # the supervisor went away: nothing to report to
+    except BaseException:
         traceback.print_exc()
         code = 1
     finally:

@@ -11,6 +11,7 @@ import faulthandler
 import os
 import signal
 import time
+import uuid
 from collections.abc import Iterator
 
 import psutil
@@ -19,6 +20,12 @@ import pytest
 from sandbox import Runtime
 
 faulthandler.enable()
+
+#: Every runtime started by this test session (in this process or a subprocess) tags its
+#: processes with this, so the guard sees ours and nobody else's.
+SESSION_TAG = f"pytest-{uuid.uuid4().hex[:12]}"
+os.environ["SANDBOX_INSTANCE_TAG"] = SESSION_TAG
+_MARK = f"SANDBOX_INSTANCE={SESSION_TAG}/".encode()
 
 #: Deadlock guard for waiting on the kernel to finish killing and reaping (not a sync sleep).
 LEFTOVER_GRACE_S = 10.0
@@ -37,7 +44,7 @@ def marked_processes() -> set[int]:
                 state = f.read().rpartition(")")[2].split()[0]
         except OSError:
             continue
-        if b"SANDBOX_INSTANCE=" in env and state != "Z":
+        if _MARK in env and state != "Z":
             found.add(int(name))
     return found
 

@@ -1,0 +1,357 @@
+"""Our methods, against the public API of `sandbox` (imported lazily, at setup).
+
+    sandbox-fork         AsyncRuntime(min_idle=0): every call forks a worker from the zygote
+    sandbox-prefork      AsyncRuntime(min_idle=2), reuse=1: a pre-forked, single-use worker
+    sandbox-reuse        AsyncRuntime(min_idle=2), reuse=REUSE: a worker serves many calls
+    sandbox-grpc-unary   `sandbox serve` in its own process, `Client.invoke` per call
+    sandbox-grpc-stream  the same server, `Client.invoke_many` (one bidirectional stream)
+
+If `sandbox` is missing or incomplete, `setup` raises and the suite reports the method as
+"unavailable: <reason>"; nothing here is imported by the peers.
+
+The runtime is driven from its own event-loop thread, so the synchronous suites can time calls
+with `perf_counter_ns` exactly as they do for the peers, and `run_inflight` keeps N calls
+outstanding with asyncio rather than N threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import os
+import re
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from typing import Any, ClassVar
+
+from benchmarks import workload
+from benchmarks.core import Method, Unsupported, register
+
+FUNCTION = "bench"
+#: invocations a worker serves in `sandbox-reuse`
+REUSE = 1_000_000
+
+
+def _profile_name(preload: str, modules: Sequence[str]) -> str:
+    return re.sub(r"[^A-Za-z0-9_]", "_", preload) if modules else "default"
+
+
+def _profiles(preload: str, modules: Sequence[str]) -> dict[str, list[str]]:
+    profiles: dict[str, list[str]] = {"default": []}
+    if modules:
+        profiles[_profile_name(preload, modules)] = list(modules)
+    return profiles
+
+
+def _check(res: Any) -> Any:
+    outcome = str(getattr(res.outcome, "value", res.outcome))
+    if outcome != "OK":
+        raise RuntimeError(f"invocation ended {outcome}: {getattr(res, 'error', None)}")
+    return res.result
+
+
+async def _maybe_await(value: Any) -> Any:
+    return await value if inspect.isawaitable(value) else value
+
+
+class _Embedded(Method):
+    family = "ours"
+    min_idle: ClassVar[int] = 0
+    reuse: ClassVar[int] = 1
+    idle_freeze_modes: ClassVar[tuple[bool, ...]] = (True, False)
+
+    def setup(self) -> None:
+        try:
+            from sandbox import AsyncRuntime
+        except Exception as exc:
+            raise RuntimeError(f"sandbox.AsyncRuntime not importable ({exc})") from exc
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name=self.name, daemon=True)
+        self.thread.start()
+        kwargs: dict[str, Any] = {
+            "profiles": _profiles(self.preload, self.modules),
+            "min_idle": self.min_idle,
+            "max_concurrency": self.options.get("max_concurrency"),
+            "max_queue": 4096,
+        }
+        if self.options.get("gc_freeze") is False:  # the zygote freezes by default (DESIGN)
+            kwargs["gc_freeze"] = False
+        self.gc_freeze = bool(self.options.get("gc_freeze", True))
+        self.rt = AsyncRuntime(**kwargs)
+        self._run(self.rt.start)
+        self._run(
+            lambda: self.rt.register(
+                FUNCTION,
+                source=workload.SOURCE,
+                profile=_profile_name(self.preload, self.modules),
+                reuse=int(self.options.get("reuse", self.reuse)),
+            )
+        )
+        self.call({"op": "echo"})  # the zygote exists and has served once: not a setup cost
+
+    def _run(self, fn: Callable[[], Any], timeout: float | None = 120) -> Any:
+        async def go() -> Any:
+            return await _maybe_await(fn())
+
+        return asyncio.run_coroutine_threadsafe(go(), self.loop).result(timeout)
+
+    def _invoke(self, event: dict[str, Any], limits: Any = None) -> Awaitable[Any]:
+        if limits is None:
+            return self.rt.invoke(FUNCTION, event)
+        return self.rt.invoke(FUNCTION, event, limits=limits)
+
+    def call(self, event: dict[str, Any]) -> Any:
+        return _check(self._run(lambda: self._invoke(event)))
+
+    def call_with_timeout(self, event: dict[str, Any], timeout_s: float) -> str:
+        from sandbox import Limits
+
+        res = self._run(lambda: self._invoke(event, Limits(wall_timeout_s=timeout_s)))
+        return str(getattr(res.outcome, "value", res.outcome))
+
+    def run_inflight(self, events: Sequence[dict[str, Any]], inflight: int) -> list[int]:
+        latencies = [0] * len(events)
+
+        async def many() -> None:
+            slots = asyncio.Semaphore(inflight)
+
+            async def one(i: int, event: dict[str, Any]) -> None:
+                async with slots:
+                    t0 = time.perf_counter_ns()
+                    _check(await self._invoke(event))
+                    latencies[i] = time.perf_counter_ns() - t0
+
+            await asyncio.gather(*(one(i, e) for i, e in enumerate(events)))
+
+        self._run(many, timeout=None)
+        return latencies
+
+    @contextlib.contextmanager
+    def idle_workers(self, count: int, freeze: bool) -> Iterator[list[int]]:
+        """The runtime's idle pre-forked workers: grandchildren of this process (zygote's children)."""
+        import psutil
+
+        if freeze != self.gc_freeze:
+            raise Unsupported("set up with gc_freeze=%s" % freeze)
+        me = psutil.Process()
+        deadline = time.monotonic() + 10
+        pids: list[int] = []
+        while time.monotonic() < deadline:
+            pids = [c.pid for z in me.children() for c in z.children()]
+            if len(pids) >= count:
+                break
+            time.sleep(0.05)
+        if not pids:
+            raise RuntimeError("no idle worker found under the runtime's zygote")
+        time.sleep(0.2)  # let the newest finish confining itself
+        yield pids[:count]
+
+    def teardown(self) -> None:
+        rt = getattr(self, "rt", None)
+        if rt is not None:
+            with contextlib.suppress(Exception):
+                self._run(rt.aclose, timeout=30)
+            self.rt = None
+        loop = getattr(self, "loop", None)
+        if loop is not None:
+            loop.call_soon_threadsafe(loop.stop)
+            self.thread.join(10)
+            loop.close()
+            self.loop = None
+
+
+@register
+class SandboxFork(_Embedded):
+    name = "sandbox-fork"
+    min_idle = 0
+
+
+@register
+class SandboxPrefork(_Embedded):
+    name = "sandbox-prefork"
+    min_idle = 2
+
+
+@register
+class SandboxReuse(_Embedded):
+    name = "sandbox-reuse"
+    min_idle = 2
+    reuse = REUSE
+
+
+# --- over gRPC -------------------------------------------------------------------------------
+
+_PORT = re.compile(rb"(?:^|[\s:])(\d{2,5})\s*$")
+
+
+def serve_argv(modules: Sequence[str], state_dir: str) -> list[str]:
+    """`sandbox serve` on an ephemeral loopback port, warming the profile this run needs."""
+    argv = [
+        sys.executable,
+        "-c",
+        "import sys; from sandbox.cli import main; sys.exit(main(sys.argv[1:]))",
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--state-dir",
+        state_dir,
+        "--log-level",
+        "warning",
+    ]
+    if modules:
+        argv += ["--preload", ",".join(modules)]
+    return argv
+
+
+class _Served(Method):
+    family = "ours"
+    reuse: ClassVar[int] = 1
+
+    def setup(self) -> None:
+        try:
+            from sandbox.client import Client
+        except Exception as exc:
+            raise RuntimeError(f"sandbox.client not importable ({exc})") from exc
+        from benchmarks.peers import child_env
+
+        if int(self.options.get("reuse", self.reuse)) != 1:
+            raise Unsupported("deploying with reuse > 1 is not in the gRPC API yet")
+        self.state_dir = tempfile.mkdtemp(prefix="sandbox-bench-")
+        self.proc = subprocess.Popen(
+            serve_argv(self.modules, self.state_dir),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=child_env(),
+            start_new_session=True,  # so teardown can end the whole tree it started
+        )
+        assert self.proc.stdout is not None
+        port = None
+        deadline = time.monotonic() + 30
+        while port is None and time.monotonic() < deadline:
+            ready, _, _ = select.select([self.proc.stdout], [], [], 0.5)
+            if ready:
+                line = self.proc.stdout.readline()
+                if not line:
+                    break
+                m = _PORT.search(line.strip())
+                port = int(m.group(1)) if m else None
+        if port is None:
+            err = b""
+            self.teardown()
+            with contextlib.suppress(Exception):
+                err = self._stderr
+            raise RuntimeError(f"`sandbox serve` reported no port: {err[-300:]!r}")
+        self.client = Client(f"127.0.0.1:{port}")
+        self.client.wait_ready(30)
+        self.client.deploy(FUNCTION, workload.SOURCE, preload=self.modules)
+        self.call({"op": "echo"})
+
+    def call(self, event: dict[str, Any]) -> Any:
+        return _check(self.client.invoke(FUNCTION, event))
+
+    def teardown(self) -> None:
+        client = getattr(self, "client", None)
+        if client is not None:
+            with contextlib.suppress(Exception):
+                client.close()
+            self.client = None
+        proc = getattr(self, "proc", None)
+        if proc is not None:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)  # anything of its session left behind
+            self._stderr = proc.stderr.read() if proc.stderr else b""
+            for f in (proc.stdout, proc.stderr):
+                if f is not None:
+                    f.close()
+            self.proc = None
+        if getattr(self, "state_dir", None):
+            shutil.rmtree(self.state_dir, ignore_errors=True)
+            self.state_dir = None
+
+
+@register
+class SandboxGrpcUnary(_Served):
+    name = "sandbox-grpc-unary"
+
+
+@register
+class SandboxGrpcStream(_Served):
+    name = "sandbox-grpc-stream"
+
+    def call(self, event: dict[str, Any]) -> Any:
+        from sandbox.client import Invocation
+
+        (res,) = self.client.invoke_many([Invocation(FUNCTION, event, id="0")])
+        return _check(res)
+
+    def run_inflight(self, events: Sequence[dict[str, Any]], inflight: int) -> list[int]:
+        """One `InvokeMany` stream with exactly `inflight` invocations outstanding: the request
+        iterator (consumed on gRPC's thread) waits for a slot before yielding the next."""
+        from sandbox.client import Invocation
+
+        slots = threading.Semaphore(inflight)
+        sent: dict[str, int] = {}
+        latencies: list[int] = []
+
+        def requests() -> Iterator[Any]:
+            for i, event in enumerate(events):
+                slots.acquire()
+                sent[str(i)] = time.perf_counter_ns()
+                yield Invocation(FUNCTION, event, id=str(i))
+
+        for res in self.client.invoke_many(requests()):
+            t = time.perf_counter_ns()
+            if not hasattr(res, "outcome"):  # InvocationRejected
+                raise res.exception()
+            _check(res)
+            latencies.append(t - sent[res.id])
+            slots.release()
+            if len(latencies) == len(events):
+                break
+        return latencies
+
+
+def queued_rss(n: int) -> tuple[int, int, int]:
+    """In a fresh process: an AsyncRuntime with 2 concurrent workers and `n` calls queued;
+    return (rss_bytes, uss_bytes, submit_ns) of this process, the supervisor."""
+    import psutil
+
+    from sandbox import AsyncRuntime
+
+    async def main() -> tuple[int, int, int]:
+        rt = AsyncRuntime(profiles={"default": []}, min_idle=2, max_concurrency=2, max_queue=4096)
+        await rt.start()
+        try:
+            await _maybe_await(rt.register(FUNCTION, source=workload.SOURCE, profile="default"))
+            t0 = time.perf_counter_ns()
+            tasks = [
+                asyncio.ensure_future(rt.invoke(FUNCTION, {"op": "sleep", "s": 0.5}))
+                for _ in range(n)
+            ]
+            await asyncio.sleep(0.1)
+            submit_ns = time.perf_counter_ns() - t0
+            info = psutil.Process().memory_full_info()
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            return int(info.rss), int(info.uss), submit_ns
+        finally:
+            await rt.aclose()
+
+    return asyncio.run(main())

@@ -1,0 +1,424 @@
+"""The suites: functions over (methods x preloads x scenarios) that time calls in this process.
+
+Each suite is a list of *units* (one method x preload, set up, measured, torn down). The CLI
+runs the units in order and advances the progress bar once per unit, so a suite's cost is
+visible while it runs. A unit whose method cannot be set up is recorded as
+"unavailable: <reason>" and the suite goes on.
+
+    coldstart   invoke -> result of a function that uses its preloaded modules, every method x preload
+    latency     p50/p99 of a trivial call at light load, back to back and with idle gaps
+    throughput  calls/s at 1, 8, 32, 128 in flight; isolated (single-use) and reuse modes
+    timeouts    a function that never returns, 100 ms timeout: deadline -> outcome, -> next call served
+    memory      USS of idle workers per profile, with/without gc.freeze(); supervisor with 1000 queued
+    paper       SOCK / Forklift: fresh `import X` vs a zygote that preloaded X, per package
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import dataclasses
+import importlib.util
+import multiprocessing
+import statistics
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from benchmarks.core import METHODS, PRELOADS, Method, SuiteResult, Unsupported, summarize
+from benchmarks.workload import PROFILES
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    quick: bool = False
+    #: restrict to these method names (None: all the suite uses)
+    only: frozenset[str] | None = None
+
+    def n(self, quick: int, full: int) -> int:
+        return quick if self.quick else full
+
+
+@dataclasses.dataclass
+class Unit:
+    label: str
+    run: Callable[[SuiteResult], None]
+
+
+def _reason(exc: BaseException) -> str:
+    text = f"{type(exc).__name__}: {exc}".strip()
+    return text.splitlines()[0][:300] if text else type(exc).__name__
+
+
+@contextlib.contextmanager
+def method(
+    res: SuiteResult, name: str, preload: str, scenario: str = "*", **options: Any
+) -> Iterator[Method | None]:
+    """Set up a method; yield None (and record why) if it cannot run; always tear it down."""
+    m: Method | None = None
+    try:
+        m = METHODS[name](preload, **options)
+        m.setup()
+    except Exception as exc:
+        res.unavailable.append((scenario, name, preload, _reason(exc)))
+        if m is not None:
+            with contextlib.suppress(Exception):
+                m.teardown()
+        yield None
+        return
+    try:
+        yield m
+    finally:
+        m.teardown()
+
+
+def _guard(res: SuiteResult, scenario: str, m: Method, fn: Callable[[], None]) -> None:
+    """Run one measurement; a method that fails mid-run is reported, not fatal."""
+    try:
+        fn()
+    except Unsupported as exc:
+        res.unavailable.append((scenario, m.name, m.preload, _reason(exc)))
+    except Exception as exc:
+        res.unavailable.append((scenario, m.name, m.preload, _reason(exc)))
+        res.notes.append(f"{m.name} [{m.preload}] {scenario}: " + traceback.format_exc(limit=3))
+
+
+def _sequential(m: Method, event: dict[str, Any], n: int, gap_s: float = 0.0) -> tuple[list[int], int]:
+    lat = []
+    wall0 = time.perf_counter_ns()
+    for _ in range(n):
+        if gap_s:
+            time.sleep(gap_s)
+        t0 = time.perf_counter_ns()
+        m.call(event)
+        lat.append(time.perf_counter_ns() - t0)
+    return lat, time.perf_counter_ns() - wall0
+
+
+def _selected(cfg: Config, names: list[str]) -> list[str]:
+    return [n for n in names if n in METHODS and (cfg.only is None or n in cfg.only)]
+
+
+# --- coldstart -------------------------------------------------------------------------------
+
+COLDSTART_METHODS = [
+    "subprocess-fresh", "mp-spawn", "mp-forkserver", "mp-fork", "ppe-warm", "pebble-warm",
+    "grpc-echo", "grpc-echo-stream",
+    "sandbox-fork", "sandbox-prefork", "sandbox-reuse", "sandbox-grpc-unary", "sandbox-grpc-stream",
+]  # fmt: skip
+#: a fresh interpreter per call: fewer samples
+SLOW = {"subprocess-fresh": (2, 15), "mp-spawn": (2, 15)}
+FORKING = {"mp-forkserver", "mp-fork", "sandbox-fork"}
+
+
+def coldstart(cfg: Config) -> list[Unit]:
+    units = []
+    for name in _selected(cfg, COLDSTART_METHODS):
+        for preload in PRELOADS:
+            if preload not in METHODS[name].preloads:
+                continue
+
+            def run(res: SuiteResult, name: str = name, preload: str = preload) -> None:
+                scenario = "use-preloaded"
+                event = {"op": "use", "modules": PROFILES[preload]}
+                if name in SLOW:
+                    n = cfg.n(*SLOW[name])
+                elif name in FORKING:
+                    n = cfg.n(8, 100)
+                else:
+                    n = cfg.n(20, 300)
+                with method(res, name, preload, scenario) as m:
+                    if m is None:
+                        return
+
+                    def measure() -> None:
+                        if name not in SLOW:
+                            m.call(event)  # warm-up (first-use effects in a warm worker)
+                        lat, _ = _sequential(m, event, n)
+                        res.rows.append(summarize(scenario, name, preload, lat))
+
+                    _guard(res, scenario, m, measure)
+
+            units.append(Unit(f"coldstart {name} [{preload}]", run))
+    return units
+
+
+# --- latency ---------------------------------------------------------------------------------
+
+LATENCY_METHODS = [
+    "ppe-warm", "pebble-warm", "grpc-echo", "grpc-echo-stream",
+    "sandbox-prefork", "sandbox-reuse", "sandbox-fork", "sandbox-grpc-unary", "sandbox-grpc-stream",
+]  # fmt: skip
+IDLE_GAP_S = 0.05
+
+
+def latency(cfg: Config) -> list[Unit]:
+    units = []
+    for name in _selected(cfg, LATENCY_METHODS):
+
+        def run(res: SuiteResult, name: str = name) -> None:
+            event = {"op": "echo", "payload": "x" * 32}
+            with method(res, name, "none") as m:
+                if m is None:
+                    return
+
+                def measure() -> None:
+                    m.call(event)
+                    lat, wall = _sequential(m, event, cfg.n(100, 2000))
+                    res.rows.append(summarize("back-to-back", name, "none", lat, wall_ns=wall))
+                    lat, _ = _sequential(m, event, cfg.n(10, 100), gap_s=IDLE_GAP_S)
+                    res.rows.append(summarize(f"idle-gap-{IDLE_GAP_S * 1000:.0f}ms", name, "none", lat))
+
+                _guard(res, "*", m, measure)
+
+        units.append(Unit(f"latency {name}", run))
+    return units
+
+
+# --- throughput ------------------------------------------------------------------------------
+
+INFLIGHT = (1, 8, 32, 128)
+#: (method, mode, options): mode is how a worker is used; echo servers are the floor
+THROUGHPUT_METHODS: list[tuple[str, str, dict[str, Any]]] = [
+    ("grpc-echo", "floor", {}),
+    ("grpc-echo-stream", "floor", {}),
+    ("ppe-warm", "reuse", {}),
+    ("pebble-warm", "reuse", {}),
+    ("mp-fork", "isolated", {}),
+    ("sandbox-prefork", "isolated", {}),
+    ("sandbox-reuse", "reuse", {}),
+    ("sandbox-grpc-unary", "isolated", {}),
+    ("sandbox-grpc-stream", "isolated", {}),
+    ("sandbox-grpc-unary", "reuse", {"reuse": 1_000_000}),
+    ("sandbox-grpc-stream", "reuse", {"reuse": 1_000_000}),
+]
+
+
+def throughput(cfg: Config) -> list[Unit]:
+    units = []
+    names = set(_selected(cfg, [n for n, _, _ in THROUGHPUT_METHODS]))
+    for name, mode, options in THROUGHPUT_METHODS:
+        if name not in names:
+            continue
+
+        def run(res: SuiteResult, name: str = name, mode: str = mode, options: dict[str, Any] = options) -> None:
+            event = {"op": "echo", "payload": "x" * 32}
+            with method(res, name, "none", f"{mode} *", **options) as m:
+                if m is None:
+                    return
+                m.call(event)
+                for k in INFLIGHT:
+                    scenario = f"{mode} inflight={k}"
+                    total = max(cfg.n(4, 20) * k, cfg.n(40, 500))
+
+                    def measure(k: int = k, total: int = total, scenario: str = scenario) -> None:
+                        t0 = time.perf_counter_ns()
+                        lat = m.run_inflight([event] * total, k)
+                        wall = time.perf_counter_ns() - t0
+                        res.rows.append(summarize(scenario, name, "none", lat, wall_ns=wall))
+
+                    _guard(res, scenario, m, measure)
+
+        units.append(Unit(f"throughput {name} ({mode})", run))
+    return units
+
+
+# --- timeouts --------------------------------------------------------------------------------
+
+TIMEOUT_METHODS = ["pebble-warm", "mp-fork", "subprocess-fresh", "sandbox-prefork", "sandbox-fork", "sandbox-reuse"]
+TIMEOUT_S = 0.1
+
+
+def timeouts(cfg: Config) -> list[Unit]:
+    units = []
+    for name in _selected(cfg, TIMEOUT_METHODS):
+
+        def run(res: SuiteResult, name: str = name) -> None:
+            with method(res, name, "none") as m:
+                if m is None:
+                    return
+
+                def measure() -> None:
+                    to_outcome, to_next = [], []
+                    for _ in range(cfg.n(3, 20)):
+                        t0 = time.perf_counter_ns()
+                        outcome = m.call_with_timeout({"op": "hang"}, TIMEOUT_S)
+                        t1 = time.perf_counter_ns()
+                        if outcome != "TIMEOUT":
+                            raise RuntimeError(f"expected TIMEOUT, got {outcome}")
+                        m.call({"op": "echo"})
+                        t2 = time.perf_counter_ns()
+                        to_outcome.append(max(0, t1 - t0 - int(TIMEOUT_S * 1e9)))
+                        to_next.append(t2 - t1)
+                    res.rows.append(summarize("deadline-to-outcome", name, "none", to_outcome))
+                    res.rows.append(summarize("next-call-after-timeout", name, "none", to_next))
+
+                _guard(res, "*", m, measure)
+
+        units.append(Unit(f"timeouts {name}", run))
+    return units
+
+
+# --- memory ----------------------------------------------------------------------------------
+
+MEMORY_METHODS = ["ppe-warm", "mp-spawn", "mp-forkserver", "mp-fork", "sandbox-prefork"]
+QUEUED = 1000
+QUEUED_METHODS = ["ppe-warm", "pebble-warm", "sandbox-prefork"]
+
+
+def _uss(pid: int) -> int:
+    import psutil
+
+    return int(psutil.Process(pid).memory_full_info().uss)
+
+
+def _in_clean_process(fn: Callable[..., Any], *args: Any) -> Any:
+    """Run `fn(*args)` in a freshly spawned interpreter: what this harness has imported or
+    allocated so far (it runs many methods) must not show up in a fork-based method's memory."""
+    ctx = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=ctx) as ex:
+        return ex.submit(fn, *args).result(timeout=180)
+
+
+def _idle_uss(name: str, preload: str, freeze: bool) -> tuple[int, list[int]]:
+    """In a clean process: set the method up, start 2 idle workers, return (ns to get them, USS)."""
+    from benchmarks.core import load_methods
+
+    load_methods()
+    cls = METHODS[name]
+    options = {"gc_freeze": freeze} if cls.family == "ours" else {}
+    m = cls(preload, **options)
+    m.setup()
+    try:
+        t0 = time.perf_counter_ns()
+        with m.idle_workers(2, freeze) as pids:
+            ready = time.perf_counter_ns() - t0
+            return ready, [_uss(p) for p in pids]
+    finally:
+        m.teardown()
+
+
+def _queued_in_child(name: str) -> tuple[int, int, int]:
+    if name.startswith("sandbox"):
+        from benchmarks import ours
+
+        return _in_clean_process(ours.queued_rss, QUEUED)  # type: ignore[no-any-return]
+    from benchmarks import peers
+
+    return _in_clean_process(peers.queued_rss, name, QUEUED)  # type: ignore[no-any-return]
+
+
+def memory(cfg: Config) -> list[Unit]:
+    units = []
+    for name in _selected(cfg, MEMORY_METHODS):
+        for preload in PRELOADS:
+            for freeze in METHODS[name].idle_freeze_modes:
+                scenario = "idle-worker-gc-freeze" if freeze else "idle-worker"
+
+                def run(
+                    res: SuiteResult,
+                    name: str = name,
+                    preload: str = preload,
+                    freeze: bool = freeze,
+                    scenario: str = scenario,
+                ) -> None:
+                    try:
+                        ready_ns, uss = _in_clean_process(_idle_uss, name, preload, freeze)
+                    except Exception as exc:
+                        res.unavailable.append((scenario, name, preload, _reason(exc)))
+                        return
+                    res.rows.append(
+                        summarize(scenario, name, preload, [ready_ns], uss_bytes=int(statistics.median(uss)))
+                    )
+
+                units.append(Unit(f"memory {name} [{preload}] {scenario}", run))
+    for name in _selected(cfg, QUEUED_METHODS):
+        scenario = f"supervisor-{QUEUED}-queued"
+
+        def run_q(res: SuiteResult, name: str = name, scenario: str = scenario) -> None:
+            try:
+                rss, uss, submit_ns = _queued_in_child(name)
+            except Exception as exc:
+                res.unavailable.append((scenario, name, "none", _reason(exc)))
+                return
+            res.rows.append(summarize(scenario, name, "none", [submit_ns], uss_bytes=uss, rss_bytes=rss))
+
+        units.append(Unit(f"memory {name} {scenario}", run_q))
+    return units
+
+
+# --- paper: SOCK (USENIX ATC '18) / Forklift ---------------------------------------------------
+
+#: (PyPI project, import name), in order of PyPI downloads (the registry's top-15000 ranking,
+#: 2026); the suite takes the first N that are installed here.
+MOST_IMPORTED = [
+    ("boto3", "boto3"), ("packaging", "packaging"), ("urllib3", "urllib3"), ("certifi", "certifi"),
+    ("idna", "idna"), ("requests", "requests"), ("typing-extensions", "typing_extensions"),
+    ("charset-normalizer", "charset_normalizer"), ("setuptools", "setuptools"),
+    ("botocore", "botocore"), ("cryptography", "cryptography"),
+    ("python-dateutil", "dateutil.parser"), ("six", "six"), ("pyyaml", "yaml"),
+    ("pydantic", "pydantic.main"), ("pygments", "pygments.lexers"), ("cffi", "cffi"),
+    ("click", "click"), ("numpy", "numpy"), ("pluggy", "pluggy"), ("grpcio", "grpc"),
+    ("protobuf", "google.protobuf.descriptor_pool"), ("attrs", "attrs"), ("pytest", "pytest"),
+    ("httpx", "httpx"), ("pandas", "pandas"), ("jinja2", "jinja2"), ("rich", "rich.console"),
+    ("psutil", "psutil"), ("matplotlib", "matplotlib.pyplot"), ("tqdm", "tqdm"),
+    ("pillow", "PIL.Image"), ("msgpack", "msgpack"), ("hypothesis", "hypothesis"),
+]  # fmt: skip
+#: stdlib-heavy modules, used when fewer third-party packages are installed than asked for
+STDLIB_FALLBACK = [
+    ("stdlib", "asyncio"), ("stdlib", "email.message"), ("stdlib", "http.client"),
+    ("stdlib", "urllib.request"), ("stdlib", "xml.etree.ElementTree"), ("stdlib", "decimal"),
+]  # fmt: skip
+
+
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def paper_packages(n: int) -> list[tuple[str, str]]:
+    found = [(dist, mod) for dist, mod in MOST_IMPORTED if _installed(mod)]
+    return (found + STDLIB_FALLBACK)[:n]
+
+
+def paper(cfg: Config) -> list[Unit]:
+    units = []
+    for dist, module in paper_packages(cfg.n(4, 15)):
+
+        def run(res: SuiteResult, module: str = module) -> None:
+            scenario = f"import {module}"
+            event = {"op": "use", "modules": [module]}
+            for name, n in (
+                ("subprocess-fresh", cfg.n(3, 10)),
+                ("zygote-fork", cfg.n(8, 40)),
+                ("sandbox-fork", cfg.n(8, 40)),
+            ):
+                if cfg.only is not None and name not in cfg.only:
+                    continue
+                with method(res, name, module, scenario, modules=[module]) as m:
+                    if m is None:
+                        continue
+
+                    def measure(m: Method = m, name: str = name, n: int = n) -> None:
+                        if name != "subprocess-fresh":
+                            m.call(event)
+                        lat, _ = _sequential(m, event, n)
+                        res.rows.append(summarize(scenario, name, module, lat))
+
+                    _guard(res, scenario, m, measure)
+
+        units.append(Unit(f"paper {dist} ({module})", run))
+    return units
+
+
+SUITES: dict[str, Callable[[Config], list[Unit]]] = {
+    "coldstart": coldstart,
+    "latency": latency,
+    "throughput": throughput,
+    "timeouts": timeouts,
+    "memory": memory,
+    "paper": paper,
+}

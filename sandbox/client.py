@@ -1,0 +1,592 @@
+"""Clients of a ``sandbox serve`` server: :class:`Client` (blocking) and :class:`AsyncClient`.
+
+Both cover every RPC of ``sandbox.v1.Sandbox`` and speak the embedded vocabulary: an invocation
+returns a :class:`sandbox.outcome.InvocationResult` whatever its outcome, and a problem with the
+*call* raises the exception the embedded runtime would::
+
+    NOT_FOUND           -> FunctionNotFound       INVALID_ARGUMENT  -> InvalidRequest
+    RESOURCE_EXHAUSTED  -> Overloaded             UNAVAILABLE       -> ShuttingDown
+    DEADLINE_EXCEEDED   -> DeadlineExceeded       anything else     -> RemoteError
+
+(each raised ``from`` the ``grpc.RpcError``). Events are encoded in the client (msgpack by
+default, or JSON) and results decoded there, so the server never decodes a payload it only
+passes through.
+
+    with Client("localhost:50051") as client:
+        client.deploy("add", "def handler(event, context):\\n    return event['a'] + 1\\n")
+        client.invoke("add", {"a": 1}).unwrap()      # 2
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import datetime
+import json
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import grpc
+import msgpack
+
+from sandbox._proto.sandbox.v1 import sandbox_pb2 as pb
+from sandbox._proto.sandbox.v1 import sandbox_pb2_grpc as pb_grpc
+from sandbox.errors import (
+    FunctionNotFound,
+    InvalidRequest,
+    Overloaded,
+    SandboxError,
+    ShuttingDown,
+)
+from sandbox.limits import Limits
+from sandbox.outcome import InvocationResult
+from sandbox.server import (
+    CONTENT_TYPES,
+    DEFAULT_MAX_MESSAGE_BYTES,
+    limits_from_proto,
+    limits_to_proto,
+    result_from_proto,
+    source_format_from_proto,
+    source_format_to_proto,
+)
+
+__all__ = [
+    "DEFAULT_TARGET",
+    "AsyncClient",
+    "AsyncResultStream",
+    "Client",
+    "DeadlineExceeded",
+    "Invocation",
+    "InvocationRejected",
+    "RemoteError",
+    "RemoteFunction",
+    "ResultStream",
+]
+
+DEFAULT_TARGET = "localhost:50051"
+MSGPACK, JSON = CONTENT_TYPES
+
+
+class RemoteError(SandboxError):
+    """The RPC failed with a status the embedded API has no exception for.
+
+    Attributes:
+        code: the ``grpc.StatusCode``.
+        details: the server's message.
+    """
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(f"{code.name}: {details}")
+        self.code = code
+        self.details = details
+
+
+class DeadlineExceeded(RemoteError, TimeoutError):
+    """The call's deadline (``timeout``) passed; the server killed the function's worker."""
+
+
+_ERRORS: dict[grpc.StatusCode, type[SandboxError]] = {
+    grpc.StatusCode.NOT_FOUND: FunctionNotFound,
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidRequest,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: Overloaded,
+    grpc.StatusCode.UNAVAILABLE: ShuttingDown,
+}
+_CODES_BY_VALUE = {code.value[0]: code for code in grpc.StatusCode}
+
+
+def _error(code: grpc.StatusCode, details: str) -> SandboxError:
+    if code is grpc.StatusCode.DEADLINE_EXCEEDED:
+        return DeadlineExceeded(code, details)
+    kind = _ERRORS.get(code)
+    return kind(details) if kind is not None else RemoteError(code, details)
+
+
+def _translate(exc: grpc.RpcError) -> SandboxError:
+    code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
+    details = (exc.details() if hasattr(exc, "details") else None) or str(exc)
+    return _error(code, details)
+
+
+# ---------------------------------------------------------------------------------------------
+# Values
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class RemoteFunction:
+    """A deployed function version, as the server describes it."""
+
+    name: str
+    version: int
+    digest: str
+    handler: str
+    preload: tuple[str, ...]
+    profile: str
+    limits: Limits
+    created: datetime.datetime | None
+    source_format: str | None
+    source_size_bytes: int
+
+    @classmethod
+    def from_proto(cls, msg: pb.Function) -> RemoteFunction:
+        created = (msg.create_time.ToDatetime(tzinfo=datetime.UTC)
+                   if msg.HasField("create_time") else None)
+        return cls(name=msg.name, version=msg.version, digest=msg.digest, handler=msg.handler,
+                   preload=tuple(msg.preload), profile=msg.profile,
+                   limits=limits_from_proto(msg.limits) or Limits(), created=created,
+                   source_format=source_format_from_proto(msg.source_format),
+                   source_size_bytes=msg.source_size_bytes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name, "version": self.version, "digest": self.digest,
+            "handler": self.handler, "preload": list(self.preload), "profile": self.profile,
+            "limits": {k: v for k, v in self.limits.to_dict().items() if v is not None},
+            "created": None if self.created is None else self.created.isoformat(),
+            "source_format": self.source_format, "source_size_bytes": self.source_size_bytes,
+        }
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Invocation:
+    """One invocation for :meth:`Client.invoke_many`. ``payload`` (already encoded in
+    ``content_type``) replaces ``event`` when given."""
+
+    function: str
+    event: Any = None
+    id: str = ""
+    version: int | None = None
+    limits: Limits | None = None
+    content_type: str = MSGPACK
+    payload: bytes | None = None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class InvocationRejected:
+    """An invocation of an ``invoke_many`` stream that could not run (the stream goes on)."""
+
+    id: str
+    code: grpc.StatusCode
+    message: str
+
+    def exception(self) -> SandboxError:
+        """The exception a single ``invoke`` would have raised."""
+        return _error(self.code, self.message)
+
+
+def encode(event: Any, content_type: str = MSGPACK) -> bytes:
+    """``event`` in ``content_type``. Raises InvalidRequest when it cannot be encoded."""
+    try:
+        if content_type == MSGPACK:
+            return msgpack.packb(event, use_bin_type=True)  # type: ignore[no-any-return]
+        if content_type == JSON:
+            return json.dumps(event, separators=(",", ":")).encode()
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise InvalidRequest(f"the event cannot be encoded as {content_type}: {exc}") from None
+    raise InvalidRequest(f"unsupported content_type {content_type!r}; use one of "
+                         f"{', '.join(CONTENT_TYPES)}")
+
+
+def decode(data: bytes, content_type: str = MSGPACK) -> Any:
+    """A value from ``content_type`` bytes (empty bytes are None)."""
+    if not data:
+        return None
+    if content_type == JSON:
+        return json.loads(data)
+    return msgpack.unpackb(data, raw=False, strict_map_key=False)
+
+
+def _result(msg: pb.InvokeResponse) -> InvocationResult:
+    return result_from_proto(msg, decode)
+
+
+def _invoke_request(function: str, event: Any, *, version: int | None, limits: Limits | None,
+                    id: str | None, content_type: str, payload: bytes | None
+                    ) -> pb.InvokeRequest:
+    msg = pb.InvokeRequest(
+        function=function, content_type=content_type, id=id or "",
+        payload=payload if payload is not None else
+        (b"" if event is None and content_type == MSGPACK else encode(event, content_type)))
+    if version is not None:
+        msg.version = version
+    converted = limits_to_proto(limits)
+    if converted is not None:
+        msg.limits.CopyFrom(converted)
+    return msg
+
+
+def _stream_request(req: pb.InvokeRequest) -> pb.InvokeStreamRequest:
+    # Same fields, same numbers: the bytes are interchangeable.
+    return pb.InvokeStreamRequest.FromString(req.SerializeToString())
+
+
+def _many_request(item: Invocation | str) -> pb.InvokeManyRequest:
+    if isinstance(item, str):
+        return pb.InvokeManyRequest(cancel_id=item)
+    return pb.InvokeManyRequest(invoke=_invoke_request(
+        item.function, item.event, version=item.version, limits=item.limits, id=item.id,
+        content_type=item.content_type, payload=item.payload))
+
+
+def _many_response(msg: pb.InvokeManyResponse) -> InvocationResult | InvocationRejected:
+    if msg.WhichOneof("response") == "error":
+        code = _CODES_BY_VALUE.get(msg.error.code, grpc.StatusCode.UNKNOWN)
+        return InvocationRejected(msg.error.id, code, msg.error.message)
+    return _result(msg.result)
+
+
+def _deploy_request(name: str, source: bytes | str | Path, *, handler: str,
+                    preload: Sequence[str], limits: Limits | None, source_format: str | None
+                    ) -> pb.DeployRequest:
+    if isinstance(source, Path):
+        if source_format is None:
+            source_format = "zip" if source.suffix == ".zip" else None
+        data = source.read_bytes()
+    elif isinstance(source, str):
+        data = source.encode()
+    else:
+        data = source
+    msg = pb.DeployRequest(name=name, source=data, handler=handler, preload=list(preload),
+                           source_format=source_format_to_proto(source_format))
+    converted = limits_to_proto(limits)
+    if converted is not None:
+        msg.limits.CopyFrom(converted)
+    return msg
+
+
+def _info(msg: pb.GetInfoResponse) -> dict[str, Any]:
+    """The same shape as ``AsyncRuntime.info()``, plus the server's own settings."""
+    return {
+        "version": msg.version,
+        "profiles": {p.name: list(p.modules) for p in msg.profiles},
+        "pools": {p.profile: {"idle": p.idle, "busy": p.busy, "starting": p.starting,
+                              "queued": p.queued} for p in msg.pools},
+        "isolation": {layer.name: {"available": layer.available, "enabled": layer.enabled,
+                                   "reason": layer.reason} for layer in msg.isolation},
+        "limits": (limits_from_proto(msg.default_limits) or Limits()).to_dict(),
+        "max_limits": (limits_from_proto(msg.max_limits) or Limits()).to_dict()
+        if msg.HasField("max_limits") else None,
+        "running": msg.running,
+        "queued": msg.queued,
+        "max_concurrency": msg.max_concurrency,
+        "max_queue": msg.max_queue,
+        "invoke_many_window": msg.invoke_many_window,
+        "max_message_bytes": msg.max_message_bytes,
+    }
+
+
+def _channel_options(max_message_bytes: int) -> list[tuple[str, Any]]:
+    return [("grpc.max_receive_message_length", -1),
+            ("grpc.max_send_message_length", max_message_bytes)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Blocking client
+
+class ResultStream:
+    """The chunks of an ``InvokeStream`` call (decoded values), then :meth:`result`."""
+
+    def __init__(self, call: Any, content_type: str) -> None:
+        self._call = call
+        self._content_type = content_type
+        self._result: InvocationResult | None = None
+
+    def __iter__(self) -> Iterator[Any]:
+        try:
+            for msg in self._call:
+                if msg.WhichOneof("event") == "chunk":
+                    yield decode(msg.chunk.payload, self._content_type)
+                else:
+                    self._result = _result(msg.result)
+        except grpc.RpcError as exc:
+            raise _translate(exc) from exc
+
+    def result(self) -> InvocationResult:
+        """The final result (reads the chunks that were not read)."""
+        if self._result is None:
+            for _ in self:
+                pass
+        if self._result is None:
+            raise RemoteError(grpc.StatusCode.INTERNAL, "the stream ended without a result")
+        return self._result
+
+    def cancel(self) -> None:
+        """Cancel the call; the server kills the worker."""
+        self._call.cancel()
+
+
+class Client:
+    """Blocking client. ``timeout`` (seconds) is each call's default deadline.
+
+    Args:
+        target: ``host:port`` (any gRPC target, e.g. ``dns:///svc:50051``).
+        channel: use this channel instead of making one (the client will not close it).
+        timeout: default deadline of every call, seconds (None: no deadline).
+        max_message_bytes: largest request this client sends.
+    """
+
+    def __init__(self, target: str = DEFAULT_TARGET, *, channel: grpc.Channel | None = None,
+                 timeout: float | None = None,
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
+        self._own = channel is None
+        self.channel = channel if channel is not None else grpc.insecure_channel(
+            target, options=_channel_options(max_message_bytes))
+        self.stub = pb_grpc.SandboxStub(self.channel)  # type: ignore[no-untyped-call]
+        self.timeout = timeout
+
+    def close(self) -> None:
+        if self._own:
+            self.channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _timeout(self, timeout: float | None) -> float | None:
+        return timeout if timeout is not None else self.timeout
+
+    def _unary(self, method: Any, request: Any, timeout: float | None) -> Any:
+        try:
+            return method(request, timeout=self._timeout(timeout))
+        except grpc.RpcError as exc:
+            raise _translate(exc) from exc
+
+    # -- functions ---------------------------------------------------------------------------
+    def deploy(self, name: str, source: bytes | str | Path, *, handler: str = "",
+               preload: Sequence[str] = (), limits: Limits | None = None,
+               source_format: str | None = None, timeout: float | None = None
+               ) -> RemoteFunction:
+        """Deploy ``source`` (Python text, bytes of a ``.py`` or zip, or a path to either)."""
+        request = _deploy_request(name, source, handler=handler, preload=preload,
+                                  limits=limits, source_format=source_format)
+        return RemoteFunction.from_proto(
+            self._unary(self.stub.Deploy, request, timeout).function)
+
+    def function(self, name: str, version: int | None = None, *,
+                 timeout: float | None = None) -> RemoteFunction:
+        request = pb.GetFunctionRequest(name=name, version=version)
+        return RemoteFunction.from_proto(
+            self._unary(self.stub.GetFunction, request, timeout).function)
+
+    def versions(self, name: str, *, timeout: float | None = None) -> list[int]:
+        response = self._unary(self.stub.GetFunction, pb.GetFunctionRequest(name=name), timeout)
+        return list(response.versions)
+
+    def functions(self, all_versions: bool = False, *,
+                  timeout: float | None = None) -> list[RemoteFunction]:
+        response = self._unary(self.stub.ListFunctions,
+                               pb.ListFunctionsRequest(all_versions=all_versions), timeout)
+        return [RemoteFunction.from_proto(f) for f in response.functions]
+
+    def delete(self, name: str, version: int | None = None, *,
+               timeout: float | None = None) -> list[int]:
+        """Delete one version, or all; returns the versions deleted."""
+        response = self._unary(self.stub.DeleteFunction,
+                               pb.DeleteFunctionRequest(name=name, version=version), timeout)
+        return list(response.versions)
+
+    # -- invocations -------------------------------------------------------------------------
+    def invoke(self, function: str, event: Any = None, *, version: int | None = None,
+               limits: Limits | None = None, id: str | None = None,
+               content_type: str = MSGPACK, payload: bytes | None = None,
+               timeout: float | None = None) -> InvocationResult:
+        """Invoke once. ``timeout`` is the call's deadline and caps the wall timeout."""
+        request = _invoke_request(function, event, version=version, limits=limits, id=id,
+                                  content_type=content_type, payload=payload)
+        return _result(self._unary(self.stub.Invoke, request, timeout))
+
+    def stream(self, function: str, event: Any = None, *, version: int | None = None,
+               limits: Limits | None = None, id: str | None = None,
+               content_type: str = MSGPACK, payload: bytes | None = None,
+               timeout: float | None = None) -> ResultStream:
+        """Invoke a generator function: iterate for its chunks, then ``.result()``."""
+        request = _invoke_request(function, event, version=version, limits=limits, id=id,
+                                  content_type=content_type, payload=payload)
+        call = self.stub.InvokeStream(_stream_request(request), timeout=self._timeout(timeout))
+        return ResultStream(call, content_type)
+
+    def invoke_many(self, invocations: Iterable[Invocation | str], *,
+                    timeout: float | None = None
+                    ) -> Iterator[InvocationResult | InvocationRejected]:
+        """Run many invocations over one stream; results in completion order.
+
+        ``invocations`` is consumed lazily, as the server's window lets it (a ``str`` item
+        cancels the in-flight invocation with that id). Give each invocation an ``id`` to
+        match results (else the server numbers them from 0 in order).
+        """
+        call = self.stub.InvokeMany((_many_request(i) for i in invocations),
+                                    timeout=self._timeout(timeout))
+        try:
+            for msg in call:
+                yield _many_response(msg)
+        except grpc.RpcError as exc:
+            raise _translate(exc) from exc
+        finally:
+            call.cancel()
+
+    # -- server ------------------------------------------------------------------------------
+    def info(self, *, timeout: float | None = None) -> dict[str, Any]:
+        """Version, profiles, pools, isolation layers (the shape of ``AsyncRuntime.info()``)."""
+        return _info(self._unary(self.stub.GetInfo, pb.GetInfoRequest(), timeout))
+
+    def wait_ready(self, timeout: float = 10.0) -> None:
+        """Block until the channel is connected (raises DeadlineExceeded after ``timeout``)."""
+        try:
+            grpc.channel_ready_future(self.channel).result(timeout=timeout)
+        except grpc.FutureTimeoutError as exc:
+            raise DeadlineExceeded(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                   f"server not ready after {timeout} s") from exc
+
+
+# ---------------------------------------------------------------------------------------------
+# asyncio client
+
+class AsyncResultStream:
+    """The chunks of an ``InvokeStream`` call (decoded values), then ``await result()``."""
+
+    def __init__(self, call: Any, content_type: str) -> None:
+        self._call = call
+        self._content_type = content_type
+        self._result: InvocationResult | None = None
+
+    def __aiter__(self) -> AsyncIterator[Any]:
+        return self._chunks()
+
+    async def _chunks(self) -> AsyncIterator[Any]:
+        try:
+            async for msg in self._call:
+                if msg.WhichOneof("event") == "chunk":
+                    yield decode(msg.chunk.payload, self._content_type)
+                else:
+                    self._result = _result(msg.result)
+        except grpc.RpcError as exc:
+            raise _translate(exc) from exc
+
+    async def result(self) -> InvocationResult:
+        if self._result is None:
+            async for _ in self._chunks():
+                pass
+        if self._result is None:
+            raise RemoteError(grpc.StatusCode.INTERNAL, "the stream ended without a result")
+        return self._result
+
+    def cancel(self) -> None:
+        self._call.cancel()
+
+
+class AsyncClient:
+    """asyncio client, the same methods as :class:`Client`, awaitable. Create it inside the
+    event loop that uses it."""
+
+    def __init__(self, target: str = DEFAULT_TARGET, *, channel: grpc.aio.Channel | None = None,
+                 timeout: float | None = None,
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
+        self._own = channel is None
+        self.channel = channel if channel is not None else grpc.aio.insecure_channel(
+            target, options=_channel_options(max_message_bytes))
+        self.stub = pb_grpc.SandboxStub(self.channel)  # type: ignore[no-untyped-call]
+        self.timeout = timeout
+
+    async def close(self) -> None:
+        if self._own:
+            await self.channel.close()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def _timeout(self, timeout: float | None) -> float | None:
+        return timeout if timeout is not None else self.timeout
+
+    async def _unary(self, method: Any, request: Any, timeout: float | None) -> Any:
+        try:
+            return await method(request, timeout=self._timeout(timeout))
+        except grpc.RpcError as exc:
+            raise _translate(exc) from exc
+
+    async def deploy(self, name: str, source: bytes | str | Path, *, handler: str = "",
+                     preload: Sequence[str] = (), limits: Limits | None = None,
+                     source_format: str | None = None, timeout: float | None = None
+                     ) -> RemoteFunction:
+        request = _deploy_request(name, source, handler=handler, preload=preload,
+                                  limits=limits, source_format=source_format)
+        response = await self._unary(self.stub.Deploy, request, timeout)
+        return RemoteFunction.from_proto(response.function)
+
+    async def function(self, name: str, version: int | None = None, *,
+                       timeout: float | None = None) -> RemoteFunction:
+        response = await self._unary(self.stub.GetFunction,
+                                     pb.GetFunctionRequest(name=name, version=version), timeout)
+        return RemoteFunction.from_proto(response.function)
+
+    async def versions(self, name: str, *, timeout: float | None = None) -> list[int]:
+        response = await self._unary(self.stub.GetFunction, pb.GetFunctionRequest(name=name),
+                                     timeout)
+        return list(response.versions)
+
+    async def functions(self, all_versions: bool = False, *,
+                        timeout: float | None = None) -> list[RemoteFunction]:
+        response = await self._unary(self.stub.ListFunctions,
+                                     pb.ListFunctionsRequest(all_versions=all_versions), timeout)
+        return [RemoteFunction.from_proto(f) for f in response.functions]
+
+    async def delete(self, name: str, version: int | None = None, *,
+                     timeout: float | None = None) -> list[int]:
+        response = await self._unary(self.stub.DeleteFunction,
+                                     pb.DeleteFunctionRequest(name=name, version=version),
+                                     timeout)
+        return list(response.versions)
+
+    async def invoke(self, function: str, event: Any = None, *, version: int | None = None,
+                     limits: Limits | None = None, id: str | None = None,
+                     content_type: str = MSGPACK, payload: bytes | None = None,
+                     timeout: float | None = None) -> InvocationResult:
+        """Invoke once; cancelling the awaiting task cancels the call and kills the worker."""
+        request = _invoke_request(function, event, version=version, limits=limits, id=id,
+                                  content_type=content_type, payload=payload)
+        return _result(await self._unary(self.stub.Invoke, request, timeout))
+
+    def stream(self, function: str, event: Any = None, *, version: int | None = None,
+               limits: Limits | None = None, id: str | None = None,
+               content_type: str = MSGPACK, payload: bytes | None = None,
+               timeout: float | None = None) -> AsyncResultStream:
+        request = _invoke_request(function, event, version=version, limits=limits, id=id,
+                                  content_type=content_type, payload=payload)
+        call = self.stub.InvokeStream(_stream_request(request), timeout=self._timeout(timeout))
+        return AsyncResultStream(call, content_type)
+
+    async def invoke_many(self, invocations: Iterable[Invocation | str]
+                          | AsyncIterable[Invocation | str], *, timeout: float | None = None
+                          ) -> AsyncIterator[InvocationResult | InvocationRejected]:
+        """Like :meth:`Client.invoke_many`; ``invocations`` may be an async iterable."""
+        async def requests() -> AsyncIterator[pb.InvokeManyRequest]:
+            if isinstance(invocations, AsyncIterable):
+                async for item in invocations:
+                    yield _many_request(item)
+            else:
+                for item in invocations:
+                    yield _many_request(item)
+
+        call = self.stub.InvokeMany(requests(), timeout=self._timeout(timeout))
+        try:
+            async for msg in call:
+                yield _many_response(msg)
+        except grpc.RpcError as exc:
+            raise _translate(exc) from exc
+        finally:
+            call.cancel()
+
+    async def info(self, *, timeout: float | None = None) -> dict[str, Any]:
+        return _info(await self._unary(self.stub.GetInfo, pb.GetInfoRequest(), timeout))
+
+    async def wait_ready(self, timeout: float = 10.0) -> None:
+        try:
+            await asyncio.wait_for(self.channel.channel_ready(), timeout)
+        except TimeoutError as exc:
+            raise DeadlineExceeded(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                   f"server not ready after {timeout} s") from exc
+
+

@@ -1,0 +1,307 @@
+"""The gRPC subcommands of the ``sandbox`` command line: ``serve``, ``deploy``, ``invoke``,
+``functions`` and ``info``.
+
+:func:`add_subcommands` adds them to an argparse subparsers object (``sandbox.cli`` does);
+each sets ``func=handler(args) -> int`` (the exit status). The client commands take
+``--target`` (default ``$SANDBOX_TARGET`` or ``localhost:50051``) and print JSON: ``invoke``
+prints the same object as ``sandbox run``.
+
+Exit status: 0 success (``invoke``: outcome OK); 1 ``invoke`` ended with another outcome; 2 the
+call itself failed (unknown function, bad request, server unavailable...), message on stderr.
+
+    sandbox serve --listen 127.0.0.1:50051 --state-dir ./state --preload json
+    sandbox deploy --target localhost:50051 add add.py --handler add:handler
+    sandbox invoke add '{"a": 1}'
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import dataclasses
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from sandbox.errors import SandboxError
+from sandbox.limits import DEFAULT_LIMITS, Limits, parse_size
+
+__all__ = ["add_subcommands", "main", "parse_limits"]
+
+DEFAULT_LISTEN = "127.0.0.1:50051"
+
+
+def _default_target() -> str:
+    return os.environ.get("SANDBOX_TARGET", "localhost:50051")
+
+
+_SECONDS = {"wall_timeout_s", "cpu_time_s"}
+_COUNTS = {"max_processes", "max_open_files"}
+_SIZES = {"memory_bytes", "max_file_size_bytes", "max_result_bytes", "max_log_bytes"}
+
+
+def parse_limits(items: Sequence[str] | None, base: Limits | None = None) -> Limits | None:
+    """``["wall_timeout_s=2", "memory_bytes=256MiB", "network=true"]`` as Limits, the fields
+    not given taken from ``base`` (unset when None). None if there are no items.
+
+    Raises:
+        ValueError: an unknown field or a bad value, named in the message.
+    """
+    if not items:
+        return None
+    values: dict[str, Any] = {}
+    known = {f.name for f in dataclasses.fields(Limits)}
+    for item in items:
+        key, sep, text = item.partition("=")
+        key, text = key.strip(), text.strip()
+        if not sep or key not in known:
+            raise ValueError(f"--limit {item!r}: expected FIELD=VALUE with FIELD one of "
+                             f"{', '.join(sorted(known))}")
+        try:
+            if key in _SECONDS:
+                values[key] = float(text)
+            elif key in _COUNTS:
+                values[key] = int(text)
+            elif key in _SIZES:
+                values[key] = parse_size(text)
+            else:
+                lowered = text.lower()
+                if lowered not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError("expected true or false")
+                values[key] = lowered in ("true", "1", "yes")
+        except ValueError as exc:
+            raise ValueError(f"--limit {item!r}: {exc}") from None
+    return base.replace(**values) if base is not None else Limits(**values)
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, bytes | bytearray):
+        return {"$bytes": base64.b64encode(value).decode()}
+    if isinstance(value, set | frozenset | tuple):
+        return list(value)
+    return repr(value)
+
+
+def _print_json(value: Any) -> None:
+    print(json.dumps(value, indent=2, default=_json_default), flush=True)
+
+
+def _fail(exc: BaseException) -> int:
+    print(f"sandbox: error: {exc}", file=sys.stderr)
+    return 2
+
+
+# ---------------------------------------------------------------------------------------------
+# Handlers
+
+def _serve(args: argparse.Namespace) -> int:
+    from sandbox.server import serve
+
+    logging.basicConfig(
+        level=getattr(logging, args.log_level.upper()),
+        format="%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s")
+    try:
+        defaults = parse_limits(args.limit, DEFAULT_LIMITS)
+        max_limits = parse_limits(args.max_limit)
+    except (ValueError, TypeError) as exc:
+        return _fail(exc)
+    preload = [[m.strip() for m in item.split(",") if m.strip()] for item in args.preload]
+
+    def ready(host: str, port: int) -> None:
+        print(f"sandbox listening on {host}:{port}", flush=True)
+
+    try:
+        asyncio.run(serve(
+            args.listen, args.state_dir, preload=preload, limits=defaults, max_limits=max_limits,
+            min_idle=args.min_idle, max_concurrency=args.workers, max_queue=args.max_queue,
+            grace_s=args.grace, invoke_many_window=args.invoke_many_window,
+            max_message_bytes=args.max_message_size, ready=ready))
+    except SandboxError as exc:
+        return _fail(exc)
+    return 0
+
+
+def _client(args: argparse.Namespace) -> Any:
+    from sandbox.client import Client
+
+    return Client(args.target, timeout=args.timeout)
+
+
+def _deploy(args: argparse.Namespace) -> int:
+    try:
+        limits = parse_limits(args.limit)
+        preload = [m.strip() for item in args.preload for m in item.split(",") if m.strip()]
+        with _client(args) as client:
+            fn = client.deploy(args.name, Path(args.source), handler=args.handler,
+                               preload=preload, limits=limits)
+    except (SandboxError, ValueError, OSError) as exc:
+        return _fail(exc)
+    _print_json(fn.to_dict())
+    return 0
+
+
+def _read_event(args: argparse.Namespace) -> Any:
+    if args.event is not None and args.event_file is not None:
+        raise ValueError("give the event as an argument or with --event-file, not both")
+    if args.event_file is not None:
+        text = sys.stdin.read() if args.event_file == "-" else Path(args.event_file).read_text()
+    elif args.event is not None:
+        text = args.event
+    else:
+        return None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"the event is not JSON: {exc}") from None
+
+
+def _invoke(args: argparse.Namespace) -> int:
+    try:
+        event = _read_event(args)
+        limits = parse_limits(args.limit)
+        with _client(args) as client:
+            kwargs: dict[str, Any] = {"version": args.version, "limits": limits, "id": args.id}
+            if args.stream:
+                stream = client.stream(args.function, event, **kwargs)
+                for chunk in stream:
+                    print(json.dumps({"chunk": chunk}, default=_json_default), flush=True)
+                result = stream.result()
+            else:
+                result = client.invoke(args.function, event, **kwargs)
+    except (SandboxError, ValueError, OSError) as exc:
+        return _fail(exc)
+    _print_json(result.to_dict())
+    return 0 if result.ok else 1
+
+
+def _functions(args: argparse.Namespace) -> int:
+    try:
+        with _client(args) as client:
+            if args.delete is not None:
+                deleted = client.delete(args.delete, args.version)
+                _print_json({"name": args.delete, "deleted_versions": deleted})
+                return 0
+            if args.name is not None:
+                fns = [client.function(args.name, args.version)]
+            else:
+                fns = client.functions(all_versions=args.all)
+    except SandboxError as exc:
+        return _fail(exc)
+    _print_json([fn.to_dict() for fn in fns])
+    return 0
+
+
+def _info(args: argparse.Namespace) -> int:
+    try:
+        with _client(args) as client:
+            info = client.info()
+    except SandboxError as exc:
+        return _fail(exc)
+    _print_json(info)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Parsers
+
+def _add_target(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--target", default=_default_target(),
+                        help="server address host:port (default: $SANDBOX_TARGET or "
+                             "%(default)s)")
+    parser.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
+                        help="deadline of the call (caps the function's wall timeout)")
+
+
+def _add_limit(parser: argparse.ArgumentParser, flag: str = "--limit", what: str = "") -> None:
+    parser.add_argument(flag, action="append", default=[], metavar="FIELD=VALUE",
+                        help=f"{what}a limit, e.g. wall_timeout_s=2, memory_bytes=256MiB, "
+                             "network=true (repeatable)")
+
+
+def add_subcommands(subparsers: Any) -> None:
+    """Add ``serve``, ``deploy``, ``invoke``, ``functions`` and ``info`` to ``subparsers``
+    (from ``ArgumentParser.add_subparsers()``)."""
+    p = subparsers.add_parser("serve", help="run the gRPC server",
+                              description="Run the gRPC server until SIGTERM/SIGINT, then "
+                                          "drain.")
+    p.add_argument("--listen", default=DEFAULT_LISTEN, metavar="ADDR",
+                   help="address to listen on, host:port; port 0 picks one (default: "
+                        "%(default)s)")
+    p.add_argument("--state-dir", default="state", metavar="DIR",
+                   help="where deployed functions persist (default: %(default)s)")
+    p.add_argument("--preload", action="append", default=[], metavar="MOD[,MOD...]",
+                   help="a preload profile to warm at start (repeatable)")
+    p.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="invocations running at once (default: 4 per CPU)")
+    p.add_argument("--min-idle", type=int, default=2, metavar="N",
+                   help="warm workers kept per profile (default: %(default)s)")
+    p.add_argument("--max-queue", type=int, default=4096, metavar="N",
+                   help="invocations waiting before RESOURCE_EXHAUSTED (default: %(default)s)")
+    p.add_argument("--grace", type=float, default=10.0, metavar="SECONDS",
+                   help="how long in-flight calls may finish after SIGTERM (default: "
+                        "%(default)s)")
+    _add_limit(p, "--limit", "default ")
+    _add_limit(p, "--max-limit", "maximum: ")
+    p.add_argument("--invoke-many-window", type=int, default=256, metavar="N",
+                   help="InvokeMany requests read ahead of their results, per stream")
+    p.add_argument("--max-message-size", type=parse_size, default=64 * 1024 * 1024,
+                   metavar="SIZE", help="largest request accepted (default: 64MiB)")
+    p.add_argument("--log-level", default="info",
+                   choices=["debug", "info", "warning", "error"])
+    p.set_defaults(func=_serve)
+
+    p = subparsers.add_parser("deploy", help="deploy a function to a server")
+    p.add_argument("name", help="the function's name")
+    p.add_argument("source", help="a .py file or a .zip of modules")
+    p.add_argument("--handler", default="",
+                   help="module:function (for a .py: the module names the file; default "
+                        "main:handler)")
+    p.add_argument("--preload", action="append", default=[], metavar="MOD[,MOD...]",
+                   help="modules to import in the zygote before forking")
+    _add_limit(p, what="default ")
+    _add_target(p)
+    p.set_defaults(func=_deploy)
+
+    p = subparsers.add_parser("invoke", help="invoke a deployed function; print its result")
+    p.add_argument("function")
+    p.add_argument("event", nargs="?", default=None, help="the event, as JSON")
+    p.add_argument("--event-file", default=None, metavar="PATH",
+                   help="read the event (JSON) from a file, '-' for stdin")
+    p.add_argument("--version", type=int, default=None)
+    p.add_argument("--id", default=None, help="an invocation id of yours")
+    p.add_argument("--stream", action="store_true",
+                   help="print each chunk of a generator as a JSON line as it comes")
+    _add_limit(p)
+    _add_target(p)
+    p.set_defaults(func=_invoke)
+
+    p = subparsers.add_parser("functions", help="list (or show, or delete) deployed functions")
+    p.add_argument("name", nargs="?", default=None, help="show this function only")
+    p.add_argument("--version", type=int, default=None)
+    p.add_argument("--all", action="store_true", help="every version, not only the latest")
+    p.add_argument("--delete", default=None, metavar="NAME",
+                   help="delete a function (every version, or --version)")
+    _add_target(p)
+    p.set_defaults(func=_functions)
+
+    p = subparsers.add_parser("info", help="server version, profiles, pools, isolation")
+    _add_target(p)
+    p.set_defaults(func=_info)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one of these subcommands on its own (``python -m sandbox.remote_cli``)."""
+    parser = argparse.ArgumentParser(prog="sandbox")
+    add_subcommands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    status: int = args.func(args)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

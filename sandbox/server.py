@@ -1,0 +1,695 @@
+"""The gRPC server: translation between the wire and the runtime, nothing else.
+
+::
+
+    client ──▶ grpc.aio server ──▶ SandboxServicer ──▶ AsyncRuntime (pools, zygotes, workers)
+                  │ Health, Reflection        │ FunctionStore (bundles + index on disk)
+                  ▼                           ▼
+             STATUS_TABLE: the one place an exception becomes a status code
+
+- :class:`SandboxServicer` converts requests to runtime calls and results to messages. How a
+  function ended is a result (``Outcome``), never a status; the status is about the call, and
+  :data:`STATUS_TABLE` is the only place that maps exceptions to codes.
+- The client's deadline becomes the invocation's ``deadline`` (capping its wall timeout); a
+  cancelled or disconnected call cancels the handler task, and cancelling the runtime call kills
+  the worker.
+- :func:`create_server` builds a ``grpc.aio`` server around a started runtime (tests bind port 0).
+- :func:`serve` is ``sandbox serve``: the runtime (and its zygotes) start before any gRPC
+  object exists; deployed functions are reloaded from the state directory; SIGTERM or SIGINT
+  drains (health NOT_SERVING, new calls refused, in-flight calls get a grace period, then
+  everything below the supervisor is killed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import math
+import signal
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import grpc
+from google.protobuf import timestamp_pb2
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from sandbox._proto.sandbox.v1 import sandbox_pb2 as pb
+from sandbox._proto.sandbox.v1 import sandbox_pb2_grpc as pb_grpc
+from sandbox.errors import (
+    ConfigurationError,
+    FunctionNotFound,
+    InvalidRequest,
+    Overloaded,
+    ProfileError,
+    SandboxError,
+    ShuttingDown,
+)
+from sandbox.limits import Limits
+from sandbox.outcome import ErrorInfo, InvocationResult, Outcome, Stats
+from sandbox.store import FunctionStore, SourceFormat, StoredFunction, check_name, profile_name
+
+if TYPE_CHECKING:
+    from sandbox.functions import FunctionInfo
+    from sandbox.runtime import AsyncInvocation, AsyncRuntime
+
+__all__ = [
+    "CONTENT_TYPES",
+    "SERVICE_NAME",
+    "STATUS_TABLE",
+    "SandboxServicer",
+    "create_server",
+    "limits_from_proto",
+    "limits_to_proto",
+    "result_from_proto",
+    "result_to_proto",
+    "serve",
+    "status_for",
+]
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["Sandbox"].full_name
+CONTENT_TYPES = ("application/msgpack", "application/json")
+DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+DEFAULT_INVOKE_MANY_WINDOW = 256
+
+#: The one table from exception to status code; the first matching row wins. Outcomes of the
+#: function (timeouts, crashes, its own exceptions) are results and never reach it.
+STATUS_TABLE: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
+    (FunctionNotFound, grpc.StatusCode.NOT_FOUND),
+    (InvalidRequest, grpc.StatusCode.INVALID_ARGUMENT),
+    (ProfileError, grpc.StatusCode.INVALID_ARGUMENT),  # a deployment's preload cannot import
+    (Overloaded, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (ShuttingDown, grpc.StatusCode.UNAVAILABLE),
+    (ConfigurationError, grpc.StatusCode.FAILED_PRECONDITION),
+    (TimeoutError, grpc.StatusCode.DEADLINE_EXCEEDED),
+)
+
+
+def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    """The status code and details for an exception (``INTERNAL`` when it is not in the table)."""
+    for kind, code in STATUS_TABLE:
+        if isinstance(exc, kind):
+            return code, str(exc) or kind.__name__
+    return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Conversions (shared with the client)
+
+_OUTCOME_TO_PROTO: dict[Outcome, pb.Outcome] = {
+    o: getattr(pb, f"OUTCOME_{o.value}") for o in Outcome}
+_OUTCOME_FROM_PROTO: dict[int, Outcome] = {int(v): k for k, v in _OUTCOME_TO_PROTO.items()}
+_LIMIT_FIELDS = tuple(f.name for f in dataclasses.fields(Limits))
+_FORMAT_TO_PROTO: dict[str, pb.SourceFormat] = {"python": pb.SOURCE_FORMAT_PYTHON,
+                                     "zip": pb.SOURCE_FORMAT_ZIP}
+_FORMAT_FROM_PROTO: dict[int, SourceFormat] = {pb.SOURCE_FORMAT_PYTHON: "python",
+                                               pb.SOURCE_FORMAT_ZIP: "zip"}
+
+
+def limits_to_proto(limits: Limits | None) -> pb.Limits | None:
+    """``None`` fields stay unset; ``network`` is set only when true."""
+    if limits is None:
+        return None
+    msg = pb.Limits()
+    for name in _LIMIT_FIELDS:
+        value = getattr(limits, name)
+        if value is not None and (name != "network" or value):
+            setattr(msg, name, value)
+    return msg
+
+
+def limits_from_proto(msg: pb.Limits, present: bool = True) -> Limits | None:
+    """Unset fields become ``None`` (inherit). Raises InvalidRequest naming a bad field."""
+    if not present:
+        return None
+    values: dict[str, Any] = {name: getattr(msg, name) for name in _LIMIT_FIELDS
+                              if msg.HasField(name)}
+    for name in ("wall_timeout_s", "cpu_time_s"):
+        if name in values and not math.isfinite(values[name]):
+            raise InvalidRequest(f"Limits.{name} must be finite, got {values[name]!r}")
+    try:
+        return Limits(**values)
+    except (TypeError, ValueError) as exc:
+        raise InvalidRequest(str(exc)) from None
+
+
+def result_to_proto(result: InvocationResult, content_type: str) -> pb.InvokeResponse:
+    s = result.stats
+    stats = pb.Stats(queue_s=s.queue_s, startup_s=s.startup_s, run_s=s.run_s,
+                     cold_start=s.cold_start, forked_on_demand=s.forked_on_demand,
+                     worker_invocations=s.worker_invocations)
+    if s.cpu_s is not None:
+        stats.cpu_s = s.cpu_s
+    if s.peak_memory_bytes is not None:
+        stats.peak_memory_bytes = s.peak_memory_bytes
+    if s.worker_pid is not None:
+        stats.worker_pid = s.worker_pid
+    msg = pb.InvokeResponse(
+        id=result.id, outcome=_OUTCOME_TO_PROTO[result.outcome], payload=result.result_bytes,
+        content_type=content_type, stdout=result.stdout, stderr=result.stderr,
+        stdout_truncated=result.stdout_truncated, stderr_truncated=result.stderr_truncated,
+        chunks=result.chunks, stats=stats)
+    if result.error is not None:
+        msg.error.CopyFrom(pb.ErrorInfo(type=result.error.type, message=result.error.message,
+                                        traceback=result.error.traceback))
+    return msg
+
+
+def result_from_proto(msg: pb.InvokeResponse,
+                      decode: Callable[[bytes, str], Any] | None = None) -> InvocationResult:
+    """The embedded vocabulary for a result off the wire; ``decode(payload, content_type)``
+    fills ``result`` for an OK outcome."""
+    outcome = _OUTCOME_FROM_PROTO.get(msg.outcome)
+    if outcome is None:
+        raise InvalidRequest(f"the server sent an unknown outcome {msg.outcome}")
+    s = msg.stats
+    stats = Stats(
+        queue_s=s.queue_s, startup_s=s.startup_s, run_s=s.run_s,
+        cpu_s=s.cpu_s if s.HasField("cpu_s") else None,
+        peak_memory_bytes=s.peak_memory_bytes if s.HasField("peak_memory_bytes") else None,
+        cold_start=s.cold_start, forked_on_demand=s.forked_on_demand,
+        worker_pid=s.worker_pid if s.HasField("worker_pid") else None,
+        worker_invocations=s.worker_invocations)
+    error = (ErrorInfo(msg.error.type, msg.error.message, msg.error.traceback)
+             if msg.HasField("error") else None)
+    value = None
+    if outcome is Outcome.OK and decode is not None and msg.payload:
+        value = decode(msg.payload, msg.content_type or CONTENT_TYPES[0])
+    return InvocationResult(
+        id=msg.id, outcome=outcome, result=value, result_bytes=msg.payload, error=error,
+        stdout=msg.stdout, stderr=msg.stderr, stdout_truncated=msg.stdout_truncated,
+        stderr_truncated=msg.stderr_truncated, chunks=msg.chunks, stats=stats)
+
+
+def source_format_to_proto(fmt: str | None) -> pb.SourceFormat:
+    return _FORMAT_TO_PROTO.get(fmt or "", pb.SOURCE_FORMAT_UNSPECIFIED)
+
+
+def source_format_from_proto(value: int) -> SourceFormat | None:
+    return _FORMAT_FROM_PROTO.get(value)
+
+
+def _function_to_proto(info: FunctionInfo, stored: StoredFunction | None,
+                       modules: Sequence[str]) -> pb.Function:
+    msg = pb.Function(name=info.name, version=info.version, digest=info.digest,
+                      handler=stored.handler if stored is not None else info.handler,
+                      preload=list(stored.preload if stored is not None else modules),
+                      profile=info.profile)
+    limits = limits_to_proto(info.limits)
+    if limits is not None:
+        msg.limits.CopyFrom(limits)
+    if stored is not None:
+        stamp = timestamp_pb2.Timestamp()
+        stamp.FromNanoseconds(int(stored.created * 1e9))
+        msg.create_time.CopyFrom(stamp)
+        msg.source_format = _FORMAT_TO_PROTO[stored.source_format]
+        msg.source_size_bytes = stored.source_size_bytes
+    return msg
+
+
+# ---------------------------------------------------------------------------------------------
+# The servicer
+
+class _Draining(ShuttingDown):
+    def __init__(self) -> None:
+        super().__init__("the server is shutting down")
+
+
+class SandboxServicer(pb_grpc.SandboxServicer):
+    """``sandbox.v1.Sandbox`` over an :class:`AsyncRuntime` and a :class:`FunctionStore`.
+
+    Args:
+        runtime: a started runtime.
+        store: where deployments persist; without one, Deploy fails FAILED_PRECONDITION and
+            only the runtime's own registrations are served.
+        invoke_many_window: how many InvokeMany requests are read ahead of their results.
+        max_message_bytes: reported by GetInfo (the server enforces it).
+    """
+
+    def __init__(self, runtime: AsyncRuntime, store: FunctionStore | None = None, *,
+                 invoke_many_window: int = DEFAULT_INVOKE_MANY_WINDOW,
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
+        if invoke_many_window < 1:
+            raise ConfigurationError("invoke_many_window must be >= 1")
+        self.runtime = runtime
+        self.store = store
+        self.invoke_many_window = invoke_many_window
+        self.max_message_bytes = max_message_bytes
+        self.draining = False
+        self._deploy_lock = asyncio.Lock()
+
+    # -- the one place errors become status codes ---------------------------------------------
+    @contextlib.asynccontextmanager
+    async def _call(self, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+        """Refuse calls while draining; abort with the table's status on a call error."""
+        try:
+            if self.draining:
+                raise _Draining()
+            yield
+        except (SandboxError, TimeoutError) as exc:
+            code, details = status_for(exc)
+            await context.abort(code, details)
+
+    # -- functions ---------------------------------------------------------------------------
+    async def Deploy(self, request: pb.DeployRequest,
+                     context: grpc.aio.ServicerContext) -> pb.DeployResponse:
+        async with self._call(context):
+            if self.store is None:
+                raise ConfigurationError("this server has no state directory to deploy into")
+            check_name(request.name)
+            fmt = source_format_from_proto(request.source_format)
+            if request.source_format and fmt is None:
+                raise InvalidRequest(f"unknown source_format {request.source_format}")
+            limits = limits_from_proto(request.limits, request.HasField("limits"))
+            modules = sorted(set(request.preload))
+            async with self._deploy_lock:  # one deployment at a time keeps store and runtime
+                # in step (a new profile's zygote must start before the function is stored)
+                await self._ensure_profile(modules)
+                stored = await asyncio.to_thread(
+                    self.store.deploy, request.name, request.source, handler=request.handler,
+                    preload=list(request.preload), limits=limits,
+                    source_format=fmt)
+                try:
+                    info = self._register(stored)
+                except BaseException:
+                    await asyncio.to_thread(self.store.delete, stored.name, stored.version)
+                    raise
+            return pb.DeployResponse(function=self._function(info))
+
+    async def GetFunction(self, request: pb.GetFunctionRequest,
+                          context: grpc.aio.ServicerContext) -> pb.GetFunctionResponse:
+        async with self._call(context):
+            version = request.version if request.HasField("version") else None
+            info = self.runtime.function(request.name, version)
+            versions = sorted(f.version for f in self.runtime.functions()
+                              if f.name == request.name)
+            return pb.GetFunctionResponse(function=self._function(info), versions=versions)
+
+    async def ListFunctions(self, request: pb.ListFunctionsRequest,
+                            context: grpc.aio.ServicerContext) -> pb.ListFunctionsResponse:
+        async with self._call(context):
+            infos = sorted(self.runtime.functions(), key=lambda f: (f.name, f.version))
+            if not request.all_versions:
+                latest: dict[str, FunctionInfo] = {}
+                for info in infos:
+                    latest[info.name] = info
+                infos = list(latest.values())
+            return pb.ListFunctionsResponse(functions=[self._function(i) for i in infos])
+
+    async def DeleteFunction(self, request: pb.DeleteFunctionRequest,
+                             context: grpc.aio.ServicerContext) -> pb.DeleteFunctionResponse:
+        async with self._call(context):
+            version = request.version if request.HasField("version") else None
+            self.runtime.function(request.name, version)  # FunctionNotFound
+            doomed = sorted(f.version for f in self.runtime.functions()
+                            if f.name == request.name and version in (None, f.version))
+            async with self._deploy_lock:
+                if self.store is not None and self.store.versions(request.name):
+                    with contextlib.suppress(FunctionNotFound):
+                        await asyncio.to_thread(self.store.delete, request.name, version)
+                self.runtime.unregister(request.name, version)
+            return pb.DeleteFunctionResponse(versions=doomed)
+
+    # -- invocations -------------------------------------------------------------------------
+    async def Invoke(self, request: pb.InvokeRequest,
+                     context: grpc.aio.ServicerContext) -> pb.InvokeResponse:
+        async with self._call(context):
+            deadline = _deadline(context)
+            kwargs = _invoke_kwargs(request, deadline)
+            result = await self.runtime.invoke(request.function, **kwargs)
+            _check_deadline(result, deadline)
+            return result_to_proto(result, kwargs["content_type"])
+
+    async def InvokeStream(self, request: pb.InvokeStreamRequest,
+                           context: grpc.aio.ServicerContext
+                           ) -> AsyncIterator[pb.InvokeStreamResponse]:
+        async with self._call(context):
+            deadline = _deadline(context)
+            kwargs = _invoke_kwargs(request, deadline)
+            stream = self.runtime.stream(request.function, raw=True, **kwargs)
+            finished = False
+            try:
+                index = 0
+                async for chunk in stream:
+                    yield pb.InvokeStreamResponse(chunk=pb.Chunk(index=index, payload=chunk))
+                    index += 1
+                result = await stream.result()
+                finished = True
+            finally:
+                if not finished:  # the call was cancelled or broke: kill the worker now
+                    stream.cancel()
+            _check_deadline(result, deadline)
+            yield pb.InvokeStreamResponse(result=result_to_proto(result, kwargs["content_type"]))
+
+    async def InvokeMany(self, request_iterator: AsyncIterator[pb.InvokeManyRequest],
+                         context: grpc.aio.ServicerContext
+                         ) -> AsyncIterator[pb.InvokeManyResponse]:
+        async with self._call(context):
+            pass  # refuse the stream while draining
+        many = _InvokeMany(self, request_iterator, _deadline(context))
+        async for response in many.run():
+            yield response
+
+    # -- server ------------------------------------------------------------------------------
+    async def GetInfo(self, request: pb.GetInfoRequest,
+                      context: grpc.aio.ServicerContext) -> pb.GetInfoResponse:
+        async with self._call(context):
+            info = self.runtime.info()
+            msg = pb.GetInfoResponse(
+                version=str(info.get("version", "")),
+                profiles=[pb.Profile(name=name, modules=list(mods))
+                          for name, mods in sorted(info.get("profiles", {}).items())],
+                pools=[pb.Pool(profile=name, idle=p.get("idle", 0), busy=p.get("busy", 0),
+                               starting=p.get("starting", 0), queued=p.get("queued", 0))
+                       for name, p in sorted(info.get("pools", {}).items())],
+                isolation=[pb.IsolationLayer(name=name, available=bool(layer.get("available")),
+                                             enabled=bool(layer.get("enabled")),
+                                             reason=str(layer.get("reason", "")))
+                           for name, layer in sorted(info.get("isolation", {}).items())],
+                invoke_many_window=self.invoke_many_window,
+                max_message_bytes=self.max_message_bytes,
+                running=int(info.get("running", 0)), queued=int(info.get("queued", 0)),
+                max_concurrency=int(info.get("max_concurrency", 0)),
+                max_queue=int(info.get("max_queue", 0)))
+            for field, key in (("default_limits", "limits"), ("max_limits", "max_limits")):
+                limits = _runtime_limits(self.runtime, info, key)
+                converted = limits_to_proto(limits)
+                if converted is not None:
+                    getattr(msg, field).CopyFrom(converted)
+            return msg
+
+    # -- helpers -----------------------------------------------------------------------------
+    async def load_store(self) -> None:
+        """Register every stored function version with the runtime (at start)."""
+        if self.store is None:
+            return
+        for stored in self.store.functions(all_versions=True):
+            await self._ensure_profile(sorted(set(stored.preload)))
+            self._register(stored)
+
+    async def _ensure_profile(self, modules: Sequence[str]) -> None:
+        name = profile_name(modules)
+        if name != "default":
+            await self.runtime.add_profile(name, list(modules))
+
+    def _register(self, stored: StoredFunction) -> FunctionInfo:
+        assert self.store is not None
+        return self.runtime.register(
+            stored.name, path=self.store.bundle_path(stored), handler=stored.runtime_handler,
+            profile=stored.profile, limits=stored.limits, version=stored.version,
+            digest=stored.digest)
+
+    def _function(self, info: FunctionInfo) -> pb.Function:
+        stored = None
+        if self.store is not None:
+            with contextlib.suppress(FunctionNotFound):
+                stored = self.store.get(info.name, info.version)
+        modules = self.runtime.info().get("profiles", {}).get(info.profile, [])
+        return _function_to_proto(info, stored, modules)
+
+
+class _InvokeMany:
+    """One InvokeMany stream: a reader that starts invocations while the window has room, and
+    the handler's loop that writes results as they complete.
+
+    A permit of the window is taken before each request is read and given back once its
+    response is written, so at most ``window`` invocations (or their unsent results) exist per
+    stream; past that the server stops reading and HTTP/2 flow control stops the sender.
+    """
+
+    def __init__(self, servicer: SandboxServicer,
+                 requests: AsyncIterator[pb.InvokeManyRequest], deadline: float | None) -> None:
+        self.servicer = servicer
+        self.requests = requests
+        self.deadline = deadline
+        self.window = asyncio.Semaphore(servicer.invoke_many_window)
+        self.out: asyncio.Queue[pb.InvokeManyResponse | None] = asyncio.Queue()
+        self.handles: dict[str, AsyncInvocation] = {}
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    async def run(self) -> AsyncIterator[pb.InvokeManyResponse]:
+        reader = asyncio.create_task(self._read())
+        try:
+            while (response := await self.out.get()) is not None:
+                yield response
+                self.window.release()
+            await reader  # re-raise what ended the reader
+        finally:
+            reader.cancel()
+            for handle in self.handles.values():
+                handle.cancel()  # kills the workers
+            await asyncio.gather(reader, *self.tasks, return_exceptions=True)
+
+    async def _read(self) -> None:
+        try:
+            index = 0
+            iterator = aiter(self.requests)
+            while True:
+                await self.window.acquire()
+                try:
+                    request = await anext(iterator)
+                except StopAsyncIteration:
+                    self.window.release()
+                    break
+                kind = request.WhichOneof("request")
+                if kind == "cancel_id":
+                    self.window.release()
+                    handle = self.handles.get(request.cancel_id)
+                    if handle is not None:
+                        handle.cancel()
+                    continue
+                ident = request.invoke.id or str(index)
+                index += 1
+                if kind != "invoke":
+                    self._error(ident, InvalidRequest("an InvokeManyRequest must set invoke or "
+                                                      "cancel_id"))
+                elif ident in self.handles:
+                    self._error(ident, InvalidRequest(f"id {ident!r} is already in flight on "
+                                                      "this stream"))
+                else:
+                    self._start(ident, request.invoke)
+            while self.tasks:
+                await asyncio.wait(set(self.tasks))
+        finally:
+            self.out.put_nowait(None)
+
+    def _start(self, ident: str, request: pb.InvokeRequest) -> None:
+        try:
+            if self.servicer.draining:
+                raise _Draining()
+            kwargs = _invoke_kwargs(request, self.deadline)
+            kwargs["id"] = ident
+            handle = self.servicer.runtime.submit(request.function, **kwargs)
+        except (SandboxError, TimeoutError) as exc:
+            self._error(ident, exc)
+            return
+        self.handles[ident] = handle
+        task = asyncio.create_task(self._wait(ident, handle, kwargs["content_type"]))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _wait(self, ident: str, handle: AsyncInvocation, content_type: str) -> None:
+        try:
+            result: InvocationResult = await handle
+        except (SandboxError, TimeoutError) as exc:
+            self._error(ident, exc)
+        else:
+            self.out.put_nowait(pb.InvokeManyResponse(
+                result=result_to_proto(result, content_type)))
+        finally:
+            self.handles.pop(ident, None)
+
+    def _error(self, ident: str, exc: BaseException) -> None:
+        code, details = status_for(exc)
+        self.out.put_nowait(pb.InvokeManyResponse(
+            error=pb.InvokeError(id=ident, code=code.value[0], message=details)))
+
+
+def _deadline(context: grpc.aio.ServicerContext) -> float | None:
+    remaining: float | None = context.time_remaining()
+    if remaining is None:
+        return None
+    return time.monotonic() + max(0.0, remaining)
+
+
+def _invoke_kwargs(request: pb.InvokeRequest | pb.InvokeStreamRequest,
+                   deadline: float | None) -> dict[str, Any]:
+    """The runtime's keyword arguments for an invocation request (validated)."""
+    if not request.function:
+        raise InvalidRequest("no function named in the request")
+    content_type = request.content_type or CONTENT_TYPES[0]
+    if content_type not in CONTENT_TYPES:
+        raise InvalidRequest(f"unsupported content_type {content_type!r}; use one of "
+                             f"{', '.join(CONTENT_TYPES)}")
+    return {
+        "version": request.version if request.HasField("version") else None,
+        "limits": limits_from_proto(request.limits, request.HasField("limits")),
+        "id": request.id or uuid.uuid4().hex,
+        "payload": request.payload or None,
+        "content_type": content_type,
+        "deadline": deadline,
+    }
+
+
+def _check_deadline(result: InvocationResult, deadline: float | None) -> None:
+    """A wall timeout that the client's deadline imposed is the call's DEADLINE_EXCEEDED."""
+    if (deadline is not None and result.outcome is Outcome.TIMEOUT
+            and time.monotonic() >= deadline - 0.005):
+        raise TimeoutError("the client's deadline passed; the function was killed")
+
+
+def _runtime_limits(runtime: AsyncRuntime, info: Mapping[str, Any], key: str) -> Limits | None:
+    value = info.get(key, getattr(runtime, key, None))
+    if isinstance(value, Limits):
+        return value
+    if isinstance(value, Mapping):
+        return Limits.from_dict(value)
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Building and running the server
+
+@dataclasses.dataclass(slots=True)
+class ServerHandle:
+    """What :func:`create_server` made: the server, its servicers, and the bound port."""
+
+    server: grpc.aio.Server
+    port: int
+    servicer: SandboxServicer
+    health: Any
+
+    def __iter__(self) -> Iterator[Any]:  # so `server, port = create_server(...)` works
+        return iter((self.server, self.port))
+
+    async def drain(self, grace_s: float) -> None:
+        """Health NOT_SERVING, refuse new calls, give in-flight calls ``grace_s``, stop."""
+        self.servicer.draining = True
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace_s)
+
+
+def create_server(runtime: AsyncRuntime, address: str = "127.0.0.1:0", *,
+                  store: FunctionStore | None = None,
+                  invoke_many_window: int = DEFAULT_INVOKE_MANY_WINDOW,
+                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> ServerHandle:
+    """A ``grpc.aio`` server (not started) serving ``sandbox.v1.Sandbox``, Health and
+    Reflection on ``address``. Unpacks as ``server, port``; port 0 binds an ephemeral one.
+
+    Raises:
+        ConfigurationError: the address cannot be bound.
+    """
+    server = grpc.aio.server(options=[
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", -1),  # results are bounded by max_result_bytes
+        ("grpc.so_reuseport", 0),
+    ])
+    servicer = SandboxServicer(runtime, store, invoke_many_window=invoke_many_window,
+                               max_message_bytes=max_message_bytes)
+    pb_grpc.add_SandboxServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+         reflection.SERVICE_NAME), server)
+    try:
+        port = server.add_insecure_port(address)
+    except RuntimeError as exc:
+        raise ConfigurationError(f"cannot listen on {address!r}: {exc}") from exc
+    if port == 0:
+        raise ConfigurationError(f"cannot listen on {address!r}")
+    return ServerHandle(server, port, servicer, health_servicer)
+
+
+async def _set_serving(handle: ServerHandle) -> None:
+    for service in ("", SERVICE_NAME):
+        await handle.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+
+
+async def serve(
+    address: str = "127.0.0.1:50051",
+    state_dir: str | Path = "state",
+    *,
+    preload: Sequence[Sequence[str]] = (),
+    limits: Limits | None = None,
+    max_limits: Limits | None = None,
+    min_idle: int = 2,
+    max_concurrency: int | None = None,
+    max_queue: int = 4096,
+    grace_s: float = 10.0,
+    invoke_many_window: int = DEFAULT_INVOKE_MANY_WINDOW,
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    ready: Callable[[str, int], None] | None = None,
+    stop: asyncio.Event | None = None,
+) -> None:
+    """Run ``sandbox serve`` until SIGTERM/SIGINT (or ``stop`` is set), then drain.
+
+    The runtime's zygotes start before any gRPC object exists. ``preload`` lists the profiles
+    to warm at start (each a list of modules), besides those the stored functions need.
+    ``ready(host, port)`` is called once the server accepts calls.
+    """
+    from sandbox.runtime import AsyncRuntime  # the runtime pulls in the process machinery
+
+    store = FunctionStore(state_dir)
+    try:
+        profiles: dict[str, list[str]] = {}
+        for modules in [*preload, *(fn.preload for fn in store.functions(all_versions=True))]:
+            unique = sorted(set(modules))
+            if unique:
+                profiles[profile_name(unique)] = unique
+        runtime_kwargs: dict[str, Any] = {"profiles": profiles, "max_limits": max_limits,
+                                          "min_idle": min_idle,
+                                          "max_concurrency": max_concurrency,
+                                          "max_queue": max_queue}
+        if limits is not None:
+            runtime_kwargs["limits"] = limits
+        runtime = AsyncRuntime(**runtime_kwargs)
+        await runtime.start()
+        try:
+            await _serve_runtime(runtime, store, address, grace_s=grace_s,
+                                 invoke_many_window=invoke_many_window,
+                                 max_message_bytes=max_message_bytes, ready=ready, stop=stop)
+        finally:
+            await runtime.aclose(grace_s=min(grace_s, 1.0))
+    finally:
+        store.close()
+
+
+async def _serve_runtime(runtime: AsyncRuntime, store: FunctionStore, address: str, *,
+                         grace_s: float, invoke_many_window: int, max_message_bytes: int,
+                         ready: Callable[[str, int], None] | None,
+                         stop: asyncio.Event | None) -> None:
+    stop = stop if stop is not None else asyncio.Event()
+    loop = asyncio.get_running_loop()
+    signals = (signal.SIGTERM, signal.SIGINT)
+    for sig in signals:
+        loop.add_signal_handler(sig, stop.set)
+    handle: ServerHandle | None = None
+    try:
+        handle = create_server(runtime, address, store=store,
+                               invoke_many_window=invoke_many_window,
+                               max_message_bytes=max_message_bytes)
+        await handle.servicer.load_store()
+        await handle.server.start()
+        await _set_serving(handle)
+        host = address.rsplit(":", 1)[0]
+        log.info("sandbox serving %s on %s:%d", SERVICE_NAME, host, handle.port)
+        if ready is not None:
+            ready(host, handle.port)
+        await stop.wait()
+        log.info("draining: %.1f s grace for in-flight calls", grace_s)
+        await handle.drain(grace_s)
+    finally:
+        for sig in signals:
+            loop.remove_signal_handler(sig)
+        if handle is not None:
+            await handle.server.stop(0)
+        sys.stdout.flush()

@@ -1,4 +1,4 @@
-"""Benchmarks: cold start, latency, throughput, timeouts, memory, and the SOCK/Forklift "paper" suite.
+"""Benchmarks: cold start, latency, throughput, timeouts, memory, and the SOCK/Forklift paper.
 
 Map of the package (each module one concept)::
 
@@ -6,7 +6,7 @@ Map of the package (each module one concept)::
     suites.py       one function per suite, over (methods x preloads x scenarios)
     core.py         the Method interface, the method table, timing and statistics, machine info
     peers.py        the methods we compare against: fresh interpreters, multiprocessing, pools, gRPC
-    ours.py         the `sandbox-*` methods (import `sandbox` lazily: unavailable is reported, not fatal)
+    ours.py         the `sandbox-*` methods (`sandbox` imported lazily: unavailable is reported)
     workload.py     the function every method runs (also shipped as source to fresh interpreters)
     echo_server.py  a bare gRPC echo server (generic handlers, bytes in/out) run as its own process
     zygote_helper.py  a plain os.fork zygote for the paper suite when `sandbox` is not available

@@ -19,12 +19,17 @@ SUITE_NAMES = ("coldstart", "latency", "throughput", "timeouts", "memory", "pape
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="sandbox bench", description="Cold start, latency, throughput, timeout and memory benchmarks."
+        prog="sandbox bench",
+        description="Cold start, latency, throughput, timeout and memory benchmarks.",
     )
     p.add_argument("suite", nargs="?", default="all", choices=(*SUITE_NAMES, "all"))
-    p.add_argument("--quick", action="store_true", help="few samples: all suites in well under 2 minutes")
+    p.add_argument(
+        "--quick", action="store_true", help="few samples: all suites in well under 2 minutes"
+    )
     p.add_argument("--out", type=Path, default=Path("bench-results"), help="output directory")
-    p.add_argument("--only", default=None, help="comma-separated method names to run (default: all)")
+    p.add_argument(
+        "--only", default=None, help="comma-separated method names to run (default: all)"
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p.parse_args(argv)
 
@@ -37,9 +42,9 @@ def _leftovers() -> list[str]:
     import psutil
 
     # multiprocessing's resource tracker lives until we exit; stop it so nothing is left.
-    tracker = resource_tracker._resource_tracker  # type: ignore[attr-defined]
+    tracker = getattr(resource_tracker, "_resource_tracker", None)
     if getattr(tracker, "_pid", None) is not None:
-        tracker._stop()
+        tracker._stop()  # type: ignore[union-attr]
     for child in multiprocessing.active_children():
         child.join(1)
     children = psutil.Process().children(recursive=True)
@@ -56,7 +61,7 @@ def _leftovers() -> list[str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    import tqdm
+    import tqdm  # type: ignore[import-untyped]
 
     from benchmarks import report, suites
     from benchmarks.core import SuiteResult, load_methods, machine_info

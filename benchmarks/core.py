@@ -21,6 +21,7 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import importlib.metadata
+import math
 import os
 import platform
 import statistics
@@ -85,7 +86,9 @@ class Method:
         except Unsupported:
             return _run_with_threads(self.call, events, inflight)
 
-    def idle_workers(self, count: int, freeze: bool) -> contextlib.AbstractContextManager[list[int]]:
+    def idle_workers(
+        self, count: int, freeze: bool
+    ) -> contextlib.AbstractContextManager[list[int]]:
         """Context manager: `count` idle workers exist while inside; yields their pids."""
         raise Unsupported(f"{self.name} has no idle workers to measure")
 
@@ -205,7 +208,7 @@ def percentile(sorted_values: Sequence[float], q: float) -> float:
     """Nearest-rank percentile (q in [0, 100]) of already sorted values."""
     if not sorted_values:
         return 0.0
-    k = max(0, min(len(sorted_values) - 1, round(q / 100 * len(sorted_values) + 0.5) - 1))
+    k = max(0, min(len(sorted_values) - 1, math.ceil(q / 100 * len(sorted_values)) - 1))
     return float(sorted_values[k])
 
 
@@ -267,7 +270,7 @@ def machine_info() -> dict[str, Any]:
             mem_total = int(f.readline().split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         pass
-    versions = {}
+    versions: dict[str, str | None] = {}
     for dist in _VERSIONED:
         try:
             versions[dist] = importlib.metadata.version(dist)
@@ -284,6 +287,8 @@ def machine_info() -> dict[str, Any]:
         "kernel": platform.release(),
         "platform": platform.platform(),
         "packages": versions,
-        "env": {k: os.environ[k] for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE") if k in os.environ},
+        "env": {
+            k: os.environ[k] for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE") if k in os.environ
+        },
         "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib
 import inspect
 import os
 import re
@@ -67,10 +68,12 @@ class _Embedded(Method):
     min_idle: ClassVar[int] = 0
     reuse: ClassVar[int] = 1
     idle_freeze_modes: ClassVar[tuple[bool, ...]] = (True, False)
+    rt: Any = None
+    loop: Any = None
 
     def setup(self) -> None:
         try:
-            from sandbox import AsyncRuntime
+            AsyncRuntime = importlib.import_module("sandbox").AsyncRuntime
         except Exception as exc:
             raise RuntimeError(f"sandbox.AsyncRuntime not importable ({exc})") from exc
         self.loop = asyncio.new_event_loop()
@@ -112,7 +115,7 @@ class _Embedded(Method):
         return _check(self._run(lambda: self._invoke(event)))
 
     def call_with_timeout(self, event: dict[str, Any], timeout_s: float) -> str:
-        from sandbox import Limits
+        Limits = importlib.import_module("sandbox").Limits
 
         res = self._run(lambda: self._invoke(event, Limits(wall_timeout_s=timeout_s)))
         return str(getattr(res.outcome, "value", res.outcome))
@@ -136,11 +139,11 @@ class _Embedded(Method):
 
     @contextlib.contextmanager
     def idle_workers(self, count: int, freeze: bool) -> Iterator[list[int]]:
-        """The runtime's idle pre-forked workers: grandchildren of this process (zygote's children)."""
+        """The runtime's idle pre-forked workers: our grandchildren (the zygote's children)."""
         import psutil
 
         if freeze != self.gc_freeze:
-            raise Unsupported("set up with gc_freeze=%s" % freeze)
+            raise Unsupported(f"set up with gc_freeze={freeze}")
         me = psutil.Process()
         deadline = time.monotonic() + 10
         pids: list[int] = []
@@ -214,6 +217,10 @@ def serve_argv(modules: Sequence[str], state_dir: str) -> list[str]:
 class _Served(Method):
     family = "ours"
     reuse: ClassVar[int] = 1
+    client: Any = None
+    proc: Any = None
+    state_dir: str | None = None
+    _stderr: bytes = b""
 
     def setup(self) -> None:
         try:
@@ -245,10 +252,8 @@ class _Served(Method):
                 m = _PORT.search(line.strip())
                 port = int(m.group(1)) if m else None
         if port is None:
-            err = b""
             self.teardown()
-            with contextlib.suppress(Exception):
-                err = self._stderr
+            err = self._stderr
             raise RuntimeError(f"`sandbox serve` reported no port: {err[-300:]!r}")
         self.client = Client(f"127.0.0.1:{port}")
         self.client.wait_ready(30)
@@ -332,7 +337,7 @@ def queued_rss(n: int) -> tuple[int, int, int]:
     return (rss_bytes, uss_bytes, submit_ns) of this process, the supervisor."""
     import psutil
 
-    from sandbox import AsyncRuntime
+    AsyncRuntime = importlib.import_module("sandbox").AsyncRuntime
 
     async def main() -> tuple[int, int, int]:
         rt = AsyncRuntime(profiles={"default": []}, min_idle=2, max_concurrency=2, max_queue=4096)

@@ -100,7 +100,8 @@ class _ProcessPerCall(Method):
     """A `multiprocessing.Process` per call; the result comes back over a one-way Pipe."""
 
     start_method: ClassVar[str] = ""
-    idle_freeze_modes = (False,)
+    idle_freeze_modes: ClassVar[tuple[bool, ...]] = (False,)
+    ctx: Any = None
 
     def setup(self) -> None:
         self.ctx = multiprocessing.get_context(self.start_method)
@@ -202,6 +203,9 @@ class MpFork(_ProcessPerCall):
 
 
 class _WarmPool(Method):
+    workers: int = 0
+    pool: Any = None
+
     def _warm(self, submit: Any) -> None:
         """Run tasks until every worker has answered, so none is still starting when timed."""
         want = self.workers
@@ -299,10 +303,16 @@ class ZygoteFork(Method):
     single-threaded interpreter that preloaded the modules; the child imports them and answers."""
 
     name = "zygote-fork"
+    proc: Any = None
 
     def setup(self) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-I", str(Path(__file__).with_name("zygote_helper.py")), *self.modules],
+            [
+                sys.executable,
+                "-I",
+                str(Path(__file__).with_name("zygote_helper.py")),
+                *self.modules,
+            ],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
         )
@@ -370,6 +380,8 @@ class EchoServer:
 
 class _Grpc(Method):
     preloads = ("none",)
+    channel: Any = None
+    server: Any = None
 
     def setup(self) -> None:
         import grpc
@@ -490,5 +502,3 @@ def queued_rss(kind: str, n: int) -> tuple[int, int, int]:
         else:
             pool.stop()
             pool.join(timeout=10)
-
-

@@ -33,23 +33,47 @@ class Baseline:
 
 
 BASELINES: dict[str, Baseline] = {
-    "coldstart": Baseline("ppe-warm", "p50_ms", about="Time from invoke to result for a function "
-        "that uses its preloaded modules (`op=use`), one call at a time."),
-    "latency": Baseline("ppe-warm", "p50_ms", about="A trivial call (echo) at light load: back to "
-        "back, and after an idle gap."),
-    "throughput": Baseline("grpc-echo", "throughput_per_s", about="Echo calls per second with N "
+    "coldstart": Baseline(
+        "ppe-warm",
+        "p50_ms",
+        about="Time from invoke to result for a function "
+        "that uses its preloaded modules (`op=use`), one call at a time.",
+    ),
+    "latency": Baseline(
+        "ppe-warm",
+        "p50_ms",
+        about="A trivial call (echo) at light load: back to back, and after an idle gap.",
+    ),
+    "throughput": Baseline(
+        "grpc-echo",
+        "throughput_per_s",
+        about="Echo calls per second with N "
         "calls in flight. Modes: `isolated` (a process per call), `reuse` (a worker serves many "
-        "calls), `floor` (a bare gRPC echo server, no process at all)."),
-    "timeouts": Baseline("pebble-warm", "p50_ms", about="A function that never returns, with a "
+        "calls), `floor` (a bare gRPC echo server, no process at all).",
+    ),
+    "timeouts": Baseline(
+        "pebble-warm",
+        "p50_ms",
+        about="A function that never returns, with a "
         "100 ms timeout: time from the deadline to the outcome, and from the outcome until the "
-        "next call has been served."),
-    "memory": Baseline("ppe-warm", "uss_bytes", about="USS of an idle worker (after one full gc in "
+        "next call has been served.",
+    ),
+    "memory": Baseline(
+        "ppe-warm",
+        "uss_bytes",
+        about="USS of an idle worker (after one full gc in "
         "the worker) per preload profile, with and without gc.freeze() in the parent before the "
         "fork; and the supervisor's memory with 1000 calls queued (RSS column). Time columns: "
-        "time to get the idle workers / to queue the calls."),
-    "paper": Baseline("subprocess-fresh", "p50_ms", speedup=True, about="SOCK (USENIX ATC '18) / "
+        "time to get the idle workers / to queue the calls.",
+    ),
+    "paper": Baseline(
+        "subprocess-fresh",
+        "p50_ms",
+        speedup=True,
+        about="SOCK (USENIX ATC '18) / "
         "Forklift: a fresh `python -I` that imports the package, against a fork of a zygote that "
-        "preloaded it (the child imports it again: free). The ratio is the speed-up."),
+        "preloaded it (the child imports it again: free). The ratio is the speed-up.",
+    ),
 }
 
 
@@ -69,7 +93,8 @@ def to_json(res: SuiteResult, machine: dict[str, Any]) -> dict[str, Any]:
         "machine": machine,
         "results": [r.as_json() for r in res.rows],
         "unavailable": [
-            {"scenario": s, "method": m, "preload": p, "reason": why} for s, m, p, why in res.unavailable
+            {"scenario": s, "method": m, "preload": p, "reason": why}
+            for s, m, p, why in res.unavailable
         ],
         "notes": res.notes,
     }
@@ -87,7 +112,11 @@ def ratio(res: SuiteResult, row: Row) -> str:
     if base is None:
         return ""
     key = scenario_key(res.suite, row.scenario)
-    candidates = [r for r in res.rows if r.method == base.method and scenario_key(res.suite, r.scenario) == key]
+    candidates = [
+        r
+        for r in res.rows
+        if r.method == base.method and scenario_key(res.suite, r.scenario) == key
+    ]
     ref = next((r for r in candidates if r.preload == row.preload), None) or next(
         (r for r in candidates if r.preload == "none"), None
     )
@@ -113,8 +142,9 @@ def to_markdown(res: SuiteResult, machine: dict[str, Any]) -> str:
     if base is not None:
         head += base.about + "\n\n"
     head += (
-        f"Machine: {machine.get('cpu_count')} CPUs ({machine.get('cpu_model') or 'unknown model'}), "
-        f"Python {machine.get('python')}, Linux {machine.get('kernel')}, {machine.get('time_utc')}.\n\n"
+        f"Machine: {machine.get('cpu_count')} CPUs ({machine.get('cpu_model') or 'unknown'}), "
+        f"Python {machine.get('python')}, Linux {machine.get('kernel')}, "
+        f"{machine.get('time_utc')}.\n\n"
     )
     if base is not None:
         what = {"p50_ms": "p50", "throughput_per_s": "calls/s", "uss_bytes": "memory"}[base.metric]
@@ -122,13 +152,14 @@ def to_markdown(res: SuiteResult, machine: dict[str, Any]) -> str:
     else:
         ratio_head = "ratio"
     lines = [
-        "| scenario | method | preload | n | p50 ms | p99 ms | mean ms | calls/s | USS MiB | RSS MiB | "
-        + ratio_head + " |",
+        "| scenario | method | preload | n | p50 ms | p99 ms | mean ms | calls/s | USS MiB "
+        f"| RSS MiB | {ratio_head} |",
         "|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for r in res.rows:
         lines.append(
-            f"| {r.scenario} | {r.method} | {r.preload} | {r.n} | {_fmt(r.p50_ms)} | {_fmt(r.p99_ms)} | "
+            f"| {r.scenario} | {r.method} | {r.preload} | {r.n} | {_fmt(r.p50_ms)} "
+            f"| {_fmt(r.p99_ms)} | "
             f"{_fmt(r.mean_ms)} | {_fmt(r.throughput_per_s)} | {_fmt(r.uss_bytes, 2**20)} | "
             f"{_fmt(r.rss_bytes, 2**20)} | {ratio(res, r)} |"
         )
@@ -171,13 +202,15 @@ def to_png(res: SuiteResult, path: Path) -> None:
         for i, m in enumerate(methods):
             xs, ys = [], []
             for j, s in enumerate(scenarios):
-                r = next((r for r in rows if r.method == m and r.scenario == s), None)
-                if r is not None:
+                hit = next((r for r in rows if r.method == m and r.scenario == s), None)
+                if hit is not None:
                     xs.append(j + i * width)
-                    ys.append(max(r.p50_ms, 1e-3))
+                    ys.append(max(hit.p50_ms, 1e-3))
             ax.bar(xs, ys, width=width, label=m)
         ax.set_xticks([j + width * (len(methods) - 1) / 2 for j in range(len(scenarios))])
-        ax.set_xticklabels([s.replace("import ", "") for s in scenarios], rotation=30, ha="right", fontsize=8)
+        ax.set_xticklabels(
+            [s.replace("import ", "") for s in scenarios], rotation=30, ha="right", fontsize=8
+        )
         ax.set_yscale("log")
         ax.set_ylabel("cold start p50, ms (log)")
         ax.legend(fontsize=8)
@@ -191,15 +224,22 @@ def to_png(res: SuiteResult, path: Path) -> None:
             values = [max(r.p50_ms, 1e-3) for r in rows]
             err = [[0] * len(rows), [max(0.0, r.p99_ms - r.p50_ms) for r in rows]]
         fig, ax = plt.subplots(figsize=(9, max(3, 0.28 * len(rows) + 1)))
-        ax.barh(range(len(rows)), values, xerr=err, color="tab:blue", ecolor="gray", capsize=2)
+        colors = ["tab:orange" if r.method.startswith("sandbox") else "tab:blue" for r in rows]
+        ax.barh(range(len(rows)), values, xerr=err, color=colors, ecolor="gray", capsize=2)
         ax.set_yticks(range(len(rows)))
         ax.set_yticklabels(labels, fontsize=7)
         ax.invert_yaxis()
         ax.set_xscale("log")
-        ax.set_xlabel("MiB (USS; RSS for the supervisor rows), log" if memory else "p50 ms (bar) to p99 (whisker), log")
+        ax.set_xlabel(
+            "MiB (USS; RSS for the supervisor rows), log"
+            if memory
+            else "p50 ms (bar) to p99 (whisker), log"
+        )
     else:
         fig, ax = plt.subplots(figsize=(6, 2))
-        ax.text(0.5, 0.5, "no results (see the .md for unavailable methods)", ha="center", va="center")
+        ax.text(
+            0.5, 0.5, "no results (see the .md for unavailable methods)", ha="center", va="center"
+        )
         ax.axis("off")
     ax.set_title(f"sandbox bench: {res.suite}")
     fig.tight_layout()

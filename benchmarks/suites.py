@@ -5,11 +5,11 @@ runs the units in order and advances the progress bar once per unit, so a suite'
 visible while it runs. A unit whose method cannot be set up is recorded as
 "unavailable: <reason>" and the suite goes on.
 
-    coldstart   invoke -> result of a function that uses its preloaded modules, every method x preload
+    coldstart   invoke -> result of a function using its preloaded modules; method x preload
     latency     p50/p99 of a trivial call at light load, back to back and with idle gaps
     throughput  calls/s at 1, 8, 32, 128 in flight; isolated (single-use) and reuse modes
-    timeouts    a function that never returns, 100 ms timeout: deadline -> outcome, -> next call served
-    memory      USS of idle workers per profile, with/without gc.freeze(); supervisor with 1000 queued
+    timeouts    a function that never returns, 100 ms timeout: deadline -> outcome -> next call
+    memory      USS of idle workers per profile, with/without gc.freeze(); supervisor, 1000 queued
     paper       SOCK / Forklift: fresh `import X` vs a zygote that preloaded X, per package
 """
 
@@ -84,7 +84,9 @@ def _guard(res: SuiteResult, scenario: str, m: Method, fn: Callable[[], None]) -
         res.notes.append(f"{m.name} [{m.preload}] {scenario}: " + traceback.format_exc(limit=3))
 
 
-def _sequential(m: Method, event: dict[str, Any], n: int, gap_s: float = 0.0) -> tuple[list[int], int]:
+def _sequential(
+    m: Method, event: dict[str, Any], n: int, gap_s: float = 0.0
+) -> tuple[list[int], int]:
     lat = []
     wall0 = time.perf_counter_ns()
     for _ in range(n):
@@ -168,7 +170,9 @@ def latency(cfg: Config) -> list[Unit]:
                     lat, wall = _sequential(m, event, cfg.n(100, 2000))
                     res.rows.append(summarize("back-to-back", name, "none", lat, wall_ns=wall))
                     lat, _ = _sequential(m, event, cfg.n(10, 100), gap_s=IDLE_GAP_S)
-                    res.rows.append(summarize(f"idle-gap-{IDLE_GAP_S * 1000:.0f}ms", name, "none", lat))
+                    res.rows.append(
+                        summarize(f"idle-gap-{IDLE_GAP_S * 1000:.0f}ms", name, "none", lat)
+                    )
 
                 _guard(res, "*", m, measure)
 
@@ -202,7 +206,9 @@ def throughput(cfg: Config) -> list[Unit]:
         if name not in names:
             continue
 
-        def run(res: SuiteResult, name: str = name, mode: str = mode, options: dict[str, Any] = options) -> None:
+        def run(
+            res: SuiteResult, name: str = name, mode: str = mode, options: dict[str, Any] = options
+        ) -> None:
             event = {"op": "echo", "payload": "x" * 32}
             with method(res, name, "none", f"{mode} *", **options) as m:
                 if m is None:
@@ -210,7 +216,7 @@ def throughput(cfg: Config) -> list[Unit]:
                 m.call(event)
                 for k in INFLIGHT:
                     scenario = f"{mode} inflight={k}"
-                    total = max(cfg.n(4, 20) * k, cfg.n(40, 500))
+                    total = max(cfg.n(2, 20) * k, cfg.n(24, 500))
 
                     def measure(k: int = k, total: int = total, scenario: str = scenario) -> None:
                         t0 = time.perf_counter_ns()
@@ -226,7 +232,14 @@ def throughput(cfg: Config) -> list[Unit]:
 
 # --- timeouts --------------------------------------------------------------------------------
 
-TIMEOUT_METHODS = ["pebble-warm", "mp-fork", "subprocess-fresh", "sandbox-prefork", "sandbox-fork", "sandbox-reuse"]
+TIMEOUT_METHODS = [
+    "pebble-warm",
+    "mp-fork",
+    "subprocess-fresh",
+    "sandbox-prefork",
+    "sandbox-fork",
+    "sandbox-reuse",
+]
 TIMEOUT_S = 0.1
 
 
@@ -329,7 +342,13 @@ def memory(cfg: Config) -> list[Unit]:
                         res.unavailable.append((scenario, name, preload, _reason(exc)))
                         return
                     res.rows.append(
-                        summarize(scenario, name, preload, [ready_ns], uss_bytes=int(statistics.median(uss)))
+                        summarize(
+                            scenario,
+                            name,
+                            preload,
+                            [ready_ns],
+                            uss_bytes=int(statistics.median(uss)),
+                        )
                     )
 
                 units.append(Unit(f"memory {name} [{preload}] {scenario}", run))
@@ -342,7 +361,9 @@ def memory(cfg: Config) -> list[Unit]:
             except Exception as exc:
                 res.unavailable.append((scenario, name, "none", _reason(exc)))
                 return
-            res.rows.append(summarize(scenario, name, "none", [submit_ns], uss_bytes=uss, rss_bytes=rss))
+            res.rows.append(
+                summarize(scenario, name, "none", [submit_ns], uss_bytes=uss, rss_bytes=rss)
+            )
 
         units.append(Unit(f"memory {name} {scenario}", run_q))
     return units

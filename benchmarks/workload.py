@@ -14,6 +14,7 @@ Events (dicts, JSON- and msgpack-encodable):
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 from typing import Any
 
@@ -34,7 +35,7 @@ PROFILES: dict[str, list[str]] = {
     "heavy": ["numpy", "pandas", "requests", "pydantic", "pydantic.main"],
 }
 
-SOURCE = '''
+SOURCE = """
 def handler(event, context=None):
     op = event.get("op", "echo")
     if op == "echo":
@@ -60,7 +61,7 @@ def handler(event, context=None):
         while True:
             pass
     raise ValueError("unknown op %r" % (op,))
-'''
+"""
 
 exec(compile(SOURCE, __file__ + ":SOURCE", "exec"))  # defines handler()
 
@@ -80,7 +81,7 @@ def echo(event: Any) -> Any:
 def child_main(conn: Any, event: Any) -> None:
     """Entry of a `multiprocessing.Process` per call: run the handler, send the result back."""
     try:
-        conn.send(handler(event))
+        conn.send(handler(event))  # noqa: F821  (defined by the exec of SOURCE)
     finally:
         conn.close()
 
@@ -128,7 +129,5 @@ def idle_child(conn: Any, collect: bool, modules: list[str]) -> None:
     if collect:
         gc.collect()
     conn.send(os.getpid())
-    try:
+    with contextlib.suppress(EOFError):
         conn.recv()
-    except EOFError:
-        pass

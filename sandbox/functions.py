@@ -22,6 +22,8 @@ import dataclasses
 import hashlib
 import os
 import re
+import shutil
+import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -119,6 +121,39 @@ def _digest_directory(root: Path) -> str:
     return h.hexdigest()
 
 
+def _snapshot(source: Path, digest: str, bundle_dir: str | None, name: str) -> str:
+    """Copy a bundle to ``bundle_dir/<digest>/<name>`` (once), readable by every uid."""
+    if bundle_dir is None:
+        return str(source)
+    if not re.fullmatch(r"[0-9a-f]{16,128}", digest):
+        raise ConfigurationError(f"digest {digest!r} is not a hex sha256")
+    home = Path(bundle_dir) / digest
+    target = home / name
+    if target.exists():
+        return str(target)
+    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=bundle_dir))
+    try:
+        if source.is_dir():
+            shutil.copytree(source, staging / name, symlinks=False,
+                            ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        else:
+            shutil.copyfile(source, staging / name)
+        for root, dirs, files in os.walk(staging):
+            os.chmod(root, 0o755)
+            for d in dirs:
+                os.chmod(os.path.join(root, d), 0o755)
+            for f in files:
+                os.chmod(os.path.join(root, f), 0o644)
+        try:
+            os.rename(staging, home)
+        except OSError:
+            if not target.exists():  # not a concurrent registration of the same content
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return str(target)
+
+
 def make_function(
     name: str,
     version: int,
@@ -131,8 +166,14 @@ def make_function(
     limits: Limits | None = None,
     reuse: int = 1,
     digest: str | None = None,
+    bundle_dir: str | None = None,
 ) -> FunctionInfo:
     """Validate a registration and describe it.
+
+    With ``bundle_dir``, a file, directory or zip is copied to ``bundle_dir/<digest>/`` and
+    loaded from there: the registered version is a snapshot (editing the original later does
+    not change it), and workers, which see their own ``/tmp`` and run as other uids, can read
+    it.
 
     Raises:
         ConfigurationError: the name, handler, source or path is not usable; the message says
@@ -178,8 +219,10 @@ def make_function(
             raise ConfigurationError(f"handler= ('module:function') is required for the "
                                      f"directory {str(p)!r}")
         _check_handler(handler, dotted_module=True)
-        return FunctionInfo(kind="directory", handler=handler, path=str(p),
-                            digest=digest or _digest_directory(p), **common)
+        digest = digest or _digest_directory(p)
+        return FunctionInfo(kind="directory", handler=handler,
+                            path=_snapshot(p, digest, bundle_dir, p.name), digest=digest,
+                            **common)
     if p.suffix == ".py":
         fn = handler or "handler"
         if ":" in fn:
@@ -189,14 +232,18 @@ def make_function(
                     f"handler {handler!r} names module {module!r}, but the file is {p.name!r}")
         _check_handler(fn, dotted_module=False)
         data = p.read_bytes()
-        return FunctionInfo(kind="file", handler=f"{p.stem}:{fn}", path=str(p),
-                            digest=digest or hashlib.sha256(data).hexdigest(), **common)
+        digest = digest or hashlib.sha256(data).hexdigest()
+        return FunctionInfo(kind="file", handler=f"{p.stem}:{fn}",
+                            path=_snapshot(p, digest, bundle_dir, p.name), digest=digest,
+                            **common)
     if zipfile.is_zipfile(p):
         if handler is None:
             raise ConfigurationError(f"handler= ('module:function') is required for the "
                                      f"zip {str(p)!r}")
         _check_handler(handler, dotted_module=True)
-        return FunctionInfo(kind="zip", handler=handler, path=str(p),
-                            digest=digest or hashlib.sha256(p.read_bytes()).hexdigest(), **common)
+        digest = digest or hashlib.sha256(p.read_bytes()).hexdigest()
+        return FunctionInfo(kind="zip", handler=handler,
+                            path=_snapshot(p, digest, bundle_dir, "bundle.zip"), digest=digest,
+                            **common)
     raise ConfigurationError(
         f"path {str(p)!r} is neither a .py file, a directory nor a zip archive")

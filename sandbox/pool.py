@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING, Any
 import msgpack
 
 from sandbox import protocol, zygote
-from sandbox.errors import ProfileError, ProtocolError, SandboxError
+from sandbox.errors import IsolationUnavailable, ProfileError, ProtocolError, SandboxError
 from sandbox.limits import Limits, format_size
 from sandbox.outcome import ErrorInfo, InvocationResult, Outcome, Stats
 
@@ -85,10 +85,15 @@ class ZygoteHandle:
     """The supervisor's end of one zygote process."""
 
     def __init__(self, profile: str, modules: Sequence[str], instance: str,
-                 on_death: Callable[[ZygoteHandle], None]) -> None:
+                 on_death: Callable[[ZygoteHandle], None],
+                 isolation: Mapping[str, Any] | None = None, netns_fd: int = -1) -> None:
         self.profile = profile
         self.modules = tuple(modules)
         self.instance = instance
+        self.isolation = isolation
+        self.netns_fd = netns_fd
+        #: what the zygote detected (``IsolationReport.to_dict()``), None without isolation
+        self.isolation_report: dict[str, Any] | None = None
         self.pid: int | None = None
         self.rss_bytes = 0
         self.alive = False
@@ -107,9 +112,10 @@ class ZygoteHandle:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             argv = zygote.command(self.modules, [p for p in sys.path if p], os.getpid(),
-                                  child.fileno())
+                                  child.fileno(), self.isolation, self.netns_fd)
+            fds = [child.fileno()] + ([self.netns_fd] if self.netns_fd >= 0 else [])
             self._proc = subprocess.Popen(
-                argv, pass_fds=[child.fileno()], env=zygote.environment(self.instance),
+                argv, pass_fds=fds, env=zygote.environment(self.instance),
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=None, cwd="/",
                 close_fds=True)
         finally:
@@ -177,8 +183,12 @@ class ZygoteHandle:
                 self.kill()
         elif kind == "zready":
             self.rss_bytes = int(msg.get("rss", 0))
+            report = msg.get("isolation")
+            self.isolation_report = report if isinstance(report, dict) else None
             if not self._started.done():
                 self._started.set_result(None)
+        elif kind == "zfailed" and not self._started.done() and msg.get("kind") == "isolation":
+            self._started.set_exception(IsolationUnavailable(str(msg["error"])))
         elif kind == "zfailed" and not self._started.done():
             self._started.set_exception(ProfileError(
                 f"profile {self.profile!r}: cannot import {msg['module']!r}: "
@@ -326,6 +336,8 @@ class WorkerHandle:
         self.function_key: str | None = None
         self.limits: Limits | None = None
         self.born = _monotonic()
+        self.slot = -1
+        self.network = False
         self.channel_eof = False
         self.violation: str | None = None
         self._reading = False
@@ -741,8 +753,13 @@ class Pool:
     """Warm, pre-forked, confined workers of one preload profile."""
 
     def __init__(self, profile: str, modules: Sequence[str], *, instance: str, min_idle: int,
-                 cgroups: CgroupManager | None, birth_config: Mapping[str, Any]) -> None:
+                 cgroups: CgroupManager | None, birth_config: Mapping[str, Any],
+                 slots: SlotAllocator, isolation: Mapping[str, Any] | None = None,
+                 netns_fd: int = -1) -> None:
         self.profile = profile
+        self.slots = slots
+        self.isolation = isolation
+        self.netns_fd = netns_fd
         self.modules = tuple(modules)
         self.instance = instance
         self.min_idle = min_idle
@@ -785,7 +802,8 @@ class Pool:
         return zyg, True
 
     async def _start_zygote(self) -> ZygoteHandle:
-        zyg = ZygoteHandle(self.profile, self.modules, self.instance, self._on_zygote_death)
+        zyg = ZygoteHandle(self.profile, self.modules, self.instance, self._on_zygote_death,
+                           self.isolation, self.netns_fd)
         self.zygote_starts += 1
         await zyg.start()
         if self.closed:
@@ -803,8 +821,12 @@ class Pool:
             self.refill()  # starts a replacement zygote through _ensure_zygote
 
     # workers ----------------------------------------------------------------------------------
-    async def spawn(self) -> tuple[WorkerHandle, bool]:
-        """Fork a new worker and wait until it is ready; True if a zygote had to start."""
+    async def spawn(self, *, network: bool = False) -> tuple[WorkerHandle, bool]:
+        """Fork a new worker and wait until it is ready; True if a zygote had to start.
+
+        ``network``: born without the network namespace (for a function allowed on the
+        network); such workers are never kept warm.
+        """
         zyg, cold = await self._ensure_zygote()
         cgroup = None
         if self.cgroups is not None and self.cgroups.available:
@@ -812,15 +834,19 @@ class Pool:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
+        slot = self.slots.acquire()
         config = dict(self.birth_config)
         config["cgroup_procs"] = cgroup.procs_files() if cgroup is not None else []
         config["memory_cgroup"] = self.memory_cgroup
+        config["slot"] = slot
+        config["network"] = network
         try:
             pid, pidfd = await zyg.spawn(config, [child.fileno(), out_w, err_w])
         except BaseException:
             for fd in (out_r, err_r):
                 os.close(fd)
             parent.close()
+            self.slots.release(slot)
             if cgroup is not None:
                 cgroup.remove()
             raise
@@ -830,12 +856,24 @@ class Pool:
             os.close(err_w)
         parent.setblocking(False)
         worker = WorkerHandle(self, zyg, pid, pidfd, parent, out_r, err_r, cgroup)
+        worker.slot = slot
+        worker.network = network
         self.workers.add(worker)
         try:
             await asyncio.wait_for(asyncio.shield(worker.ready), WORKER_READY_TIMEOUT_S)
         except BaseException as exc:
+            if not worker.alive and not isinstance(exc, asyncio.CancelledError):
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(worker.status), STATUS_TIMEOUT_S)
             worker.drain_pipes()
             detail = worker.stderr.text().strip().splitlines()[-1:] or [""]
+            if worker.status.done() and worker.status.result()[0] is not None:
+                status = worker.status.result()[0]
+                assert status is not None
+                how = (f"signal {os.WTERMSIG(status)}" if os.WIFSIGNALED(status)
+                       else f"exit code {os.WEXITSTATUS(status)}")
+                detail = [f"{how}{': ' + detail[0] if detail[0] else ''}"]
+            log.debug("worker %s failed at birth: %s", pid, worker.stderr.text())
             self.discard(worker)
             if isinstance(exc, TimeoutError):
                 raise WorkerStartError(f"worker {pid} was not ready within "
@@ -847,6 +885,7 @@ class Pool:
 
     async def acquire(self, fn: FunctionInfo, limits: Limits) -> tuple[WorkerHandle, bool, bool]:
         """A ready worker for ``fn``: (worker, cold_start, forked_on_demand)."""
+        network = limits.network and self.isolation is not None
         if fn.reuse > 1:
             queue = self.reusable.get(fn.key)
             while queue:
@@ -855,14 +894,14 @@ class Pool:
                     self.busy.add(worker)
                     return worker, False, False
                 self.discard(worker)
-        while self.idle:
+        while self.idle and not network:
             worker = self.idle.popleft()
             if worker.alive:
                 self.busy.add(worker)
                 self.refill()
                 return worker, False, False
             self.discard(worker)
-        worker, cold = await self.spawn()
+        worker, cold = await self.spawn(network=network)
         self.busy.add(worker)
         self.refill()
         return worker, cold, True
@@ -872,6 +911,12 @@ class Pool:
         self.busy.discard(worker)
         worker.execution = None
         if keep_for is not None and worker.alive and not self.closed and not worker.closed:
+            if worker.cgroup is not None:
+                # Whatever the invocation left running goes; the worker itself stays.
+                for pid in worker.cgroup.pids():
+                    if pid != worker.pid:
+                        with contextlib.suppress(ProcessLookupError, PermissionError):
+                            os.kill(pid, signal.SIGKILL)
             worker.function_key = keep_for.key
             self.reusable.setdefault(keep_for.key, collections.deque()).append(worker)
         else:
@@ -908,6 +953,9 @@ class Pool:
     def _reap(self, worker: WorkerHandle) -> None:
         """After death: close the pidfd, remove the cgroup (retrying while it is busy)."""
         self.workers.discard(worker)
+        if worker.slot >= 0:
+            self.slots.release(worker.slot)
+            worker.slot = -1
         if worker.pidfd >= 0:
             worker._release_pidfd()
         cgroup = worker.cgroup
@@ -1009,6 +1057,28 @@ class Pool:
             self.zygote = None
         if self._refill_tasks:
             await asyncio.wait(list(self._refill_tasks), timeout=DEATH_TIMEOUT_S)
+
+
+class SlotAllocator:
+    """Small integers for live workers (a worker's uid is ``uid_base + slot``): no two live
+    workers share one, so none can signal or ptrace another."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._free: collections.deque[int] = collections.deque(range(size))
+        self._used: set[int] = set()
+
+    def acquire(self) -> int:
+        if not self._free:
+            raise WorkerStartError(f"all {self.size} worker slots are in use")
+        slot = self._free.popleft()
+        self._used.add(slot)
+        return slot
+
+    def release(self, slot: int) -> None:
+        if slot in self._used:
+            self._used.discard(slot)
+            self._free.append(slot)
 
 
 def build_result(execution: Execution, *, queue_s: float, startup_s: float, cold: bool,

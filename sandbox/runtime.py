@@ -20,6 +20,7 @@ import contextlib
 import json
 import logging
 import os
+import sys
 import threading
 import time
 import uuid
@@ -101,7 +102,15 @@ class AsyncRuntime:
         max_concurrency: invocations running at once (default: 4 per CPU, at least 4).
         max_queue: invocations waiting for a slot before new ones get :class:`Overloaded`.
         cgroups: use cgroups for memory, processes, CPU accounting and tree kills; None
-            (default) uses them when the machine offers them, False never, True requires them.
+            (default) uses them when the machine offers them (required in strict isolation),
+            False never, True requires them.
+        isolation: ``"strict"`` (every layer of :mod:`sandbox.isolation` or a start-up
+            error; the default as root), ``"best-effort"`` (what the kernel offers, and the
+            report says what is missing; the default otherwise), ``"off"`` (processes and
+            rlimits only), or an :class:`sandbox.isolation.IsolationConfig`.
+        bundle_dir: where registered files, directories and zips are copied (content
+            addressed) so workers can read them; default a private directory under
+            ``/var/tmp`` removed at close.
 
     Use it as ``async with AsyncRuntime(...) as rt:`` or call :meth:`start` and
     :meth:`aclose`.
@@ -117,6 +126,8 @@ class AsyncRuntime:
         max_concurrency: int | None = None,
         max_queue: int = 4096,
         cgroups: bool | None = None,
+        isolation: Any = None,
+        bundle_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         if not isinstance(limits, Limits):
             raise ConfigurationError("limits must be a sandbox.Limits")
@@ -141,6 +152,12 @@ class AsyncRuntime:
         self.max_concurrency = max_concurrency
         self.max_queue = max_queue
         self._cgroups_wanted = cgroups
+        self._isolation_config = _isolation_config(isolation)
+        self._isolation_report: dict[str, Any] | None = None
+        self._netns_fd = -1
+        self._bundle_dir_given = bundle_dir is not None
+        self._bundle_dir = str(bundle_dir) if bundle_dir is not None else None
+        self._slots_alloc: Any = None
         # Every process of this runtime carries SANDBOX_INSTANCE=<instance> in its environment,
         # so an operator (or a test) can find them; SANDBOX_INSTANCE_TAG prefixes it.
         tag = os.environ.get("SANDBOX_INSTANCE_TAG", "")
@@ -170,13 +187,78 @@ class AsyncRuntime:
             return
         self._started = True
         self._slots = asyncio.Semaphore(self.max_concurrency)
-        self._setup_cgroups()
         try:
+            self._setup_bundle_dir()
+            self._setup_cgroups()
+            self._setup_isolation()
+            from sandbox.pool import SlotAllocator
+
+            cfg = self._isolation_config
+            self._slots_alloc = SlotAllocator(cfg.id_count if cfg is not None else 65536)
             await asyncio.gather(*(self._start_pool(name) for name in self._profiles))
         except BaseException:
             await self.aclose(grace_s=0)
             raise
+        first = next(iter(self._pools.values()), None)
+        if first is not None and first.zygote is not None:
+            self._isolation_report = first.zygote.isolation_report
         self.started_at = time.time()
+        log.info("runtime %s started: profiles %s, isolation %s", self.instance,
+                 list(self._profiles), self.isolation_summary())
+
+    def _setup_bundle_dir(self) -> None:
+        if self._bundle_dir is None:
+            import tempfile
+
+            # Not under /tmp: a worker's /tmp is its own private tmpfs.
+            base = "/var/tmp" if os.path.isdir("/var/tmp") else None
+            self._bundle_dir = tempfile.mkdtemp(prefix="sandbox-bundles-", dir=base)
+        os.makedirs(self._bundle_dir, exist_ok=True)
+        os.chmod(self._bundle_dir, 0o755)  # workers run as other uids and must read bundles
+
+    def _setup_isolation(self) -> None:
+        cfg = self._isolation_config
+        if cfg is None:
+            return
+        import dataclasses as dc
+
+        from sandbox import isolation
+
+        strict = cfg.mode == "strict"
+        if strict and self._cgroups is None and self._cgroups_wanted is not False:
+            from sandbox.errors import IsolationUnavailable
+
+            raise IsolationUnavailable(
+                "strict isolation needs memory and pids cgroups: "
+                f"{self._cgroup_report.get('reason') or 'unavailable'} (use isolation="
+                "'best-effort' to run without them)")
+        # Workers must be able to read the interpreter, our package, the bundles and the
+        # embedding program's import path, past any directory closed to other uids.
+        expose = list(cfg.expose)
+        for path in [*sys.path, self._bundle_dir or ""]:
+            if path and os.path.isdir(path) and path not in expose:
+                expose.append(path)
+        cfg = dc.replace(cfg, expose=tuple(expose))
+        if cfg.net_ns and not cfg.allow_network:
+            try:
+                self._netns_fd = isolation.create_empty_netns()
+            except OSError as exc:
+                if strict:
+                    from sandbox.errors import IsolationUnavailable
+
+                    raise IsolationUnavailable(f"net_ns: cannot create the shared empty "
+                                               f"network namespace: {exc}") from None
+                log.warning("no shared network namespace (%s): each worker gets its own", exc)
+        self._isolation_config = cfg
+
+    def isolation_summary(self) -> str:
+        report = self._isolation_report
+        if report is None:
+            return "off"
+        on = [name for name, layer in report["layers"].items() if layer["enabled"]]
+        off = [name for name, layer in report["layers"].items()
+               if not layer["enabled"] and name != "user_ns"]
+        return f"{report['mode']}: on {on}" + (f", off {off}" if off else "")
 
     def _setup_cgroups(self) -> None:
         if self._cgroups_wanted is False:
@@ -209,8 +291,16 @@ class AsyncRuntime:
         self._cgroup_report = {**report, "available": True, "enabled": True}
 
     async def _start_pool(self, name: str) -> None:
+        cfg = self._isolation_config
+        iso = None
+        if cfg is not None:
+            import dataclasses as dc
+
+            iso = dc.asdict(cfg)
+            iso["expose"] = list(cfg.expose)
         pool = Pool(name, self._profiles[name], instance=self.instance, min_idle=self.min_idle,
-                    cgroups=self._cgroups, birth_config={})
+                    cgroups=self._cgroups, birth_config={}, slots=self._slots_alloc,
+                    isolation=iso, netns_fd=self._netns_fd)
         self._pools[name] = pool
         await pool.start()
 
@@ -256,6 +346,13 @@ class AsyncRuntime:
                              return_exceptions=True)
         if self._cgroups is not None:
             self._cgroups.close()
+        if self._netns_fd >= 0:
+            os.close(self._netns_fd)
+            self._netns_fd = -1
+        if self._bundle_dir is not None and not self._bundle_dir_given:
+            import shutil
+
+            shutil.rmtree(self._bundle_dir, ignore_errors=True)
         self._closed = True
 
     async def __aenter__(self) -> AsyncRuntime:
@@ -312,7 +409,7 @@ class AsyncRuntime:
         try:
             info = make_function(name, version, source=source, path=path, ref=ref,
                                  handler=handler, profile=profile, limits=limits, reuse=reuse,
-                                 digest=digest)
+                                 digest=digest, bundle_dir=self._bundle_dir)
         except BaseException:
             if not versions:
                 del self._functions[name]
@@ -605,8 +702,46 @@ class AsyncRuntime:
             "min_idle": self.min_idle,
             "limits": self.limits.to_dict(),
             "max_limits": None if self.max_limits is None else self.max_limits.to_dict(),
-            "isolation": {"cgroups": self._cgroup_report},
+            "isolation": self.isolation_report(),
         }
+
+    def isolation_report(self) -> dict[str, Any]:
+        """Which isolation layers are in force: each with ``available``, ``enabled`` and a
+        ``reason``; cgroups included."""
+        report = self._isolation_report
+        layers: dict[str, Any] = {}
+        if report is not None:
+            layers.update(report["layers"])
+        cg = self._cgroup_report
+        for controller in ("memory", "pids", "cpu"):
+            available = bool(cg.get("available")) and bool(cg.get(controller, False))
+            layers[f"cgroup_{controller}"] = {
+                "available": available, "enabled": available and bool(cg.get("enabled")),
+                "reason": cg.get("reason", "") if not available else
+                f"cgroup v{cg.get('version')}"}
+        return {
+            "mode": report["mode"] if report is not None else "off",
+            "root": os.geteuid() == 0,
+            "kernel": os.uname().release,
+            "landlock_abi": report.get("landlock_abi") if report is not None else None,
+            "layers": layers,
+        }
+
+
+def _isolation_config(isolation: Any) -> Any:
+    """The IsolationConfig asked for, or None for "off"."""
+    from sandbox.isolation import IsolationConfig
+
+    if isolation is None:
+        isolation = "strict" if os.geteuid() == 0 else "best-effort"
+    if isinstance(isolation, IsolationConfig):
+        return isolation
+    if isolation == "off":
+        return None
+    if isolation in ("strict", "best-effort"):
+        return IsolationConfig(mode=isolation)
+    raise ConfigurationError(f"isolation must be 'strict', 'best-effort', 'off' or an "
+                             f"IsolationConfig, got {isolation!r}")
 
 
 def _validate_payload(data: bytes, content_type: str) -> None:

@@ -373,7 +373,9 @@ class SandboxServicer(pb_grpc.SandboxServicer):
                 isolation=[pb.IsolationLayer(name=name, available=bool(layer.get("available")),
                                              enabled=bool(layer.get("enabled")),
                                              reason=str(layer.get("reason", "")))
-                           for name, layer in sorted(info.get("isolation", {}).items())],
+                           for name, layer in sorted(
+                               info.get("isolation", {}).get("layers", {}).items())],
+                isolation_mode=str(info.get("isolation", {}).get("mode", "")),
                 invoke_many_window=self.invoke_many_window,
                 max_message_bytes=self.max_message_bytes,
                 running=int(info.get("running", 0)), queued=int(info.get("queued", 0)),

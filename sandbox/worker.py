@@ -117,7 +117,9 @@ def _send(sock: socket.socket, message: Mapping[str, Any]) -> None:
 def _birth(channel_fd: int, stdout_fd: int, stderr_fd: int, config: Mapping[str, Any]) -> None:
     os.setsid()
     _linux.prctl(_linux.PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != config["zygote_pid"]:
+    # In a new pid namespace the parent is outside it and getppid() is 0. If the zygote died
+    # before the prctl, the supervisor has closed its end of the channel: we exit on EOF.
+    if os.getppid() not in (config["zygote_pid"], 0):
         os._exit(70)  # the zygote died between fork and prctl
     # The zygote's SIGCHLD plumbing must not leak into the function.
     signal.set_wakeup_fd(-1)
@@ -125,28 +127,45 @@ def _birth(channel_fd: int, stdout_fd: int, stderr_fd: int, config: Mapping[str,
         signal.signal(sig, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
-    # fds: 0 /dev/null, 1 stdout pipe, 2 stderr pipe, 3 channel, nothing else.
+    # fds: 0 /dev/null, 1 stdout pipe, 2 stderr pipe, 3 channel, nothing else (the shared
+    # network namespace's fd survives only until the namespaces are entered).
+    netns_fd = int(config.get("netns_fd", -1))
     devnull = os.open(os.devnull, os.O_RDONLY)
     moved = {}
     for fd in (channel_fd, stdout_fd, stderr_fd, devnull):
         # Move out of the way of 0-3 first, so dup2 below never clobbers a source.
         moved[fd] = os.dup(fd) if fd <= CHANNEL_FD else fd
+    if 0 <= netns_fd <= CHANNEL_FD:
+        netns_fd = os.dup(netns_fd)
     os.dup2(moved[devnull], 0)
     os.dup2(moved[stdout_fd], 1)
     os.dup2(moved[stderr_fd], 2)
     os.dup2(moved[channel_fd], CHANNEL_FD)
-    _linux.close_fds_except((0, 1, 2, CHANNEL_FD))
+    _linux.close_fds_except((0, 1, 2, CHANNEL_FD) + ((netns_fd,) if netns_fd >= 0 else ()))
 
-    isolation = config.get("isolation")
-    if isolation:
-        from sandbox import isolation as _isolation
-
-        _isolation.apply_in_worker(isolation, config)  # type: ignore[attr-defined]
-    else:
+    def join_cgroups() -> None:
         for path in config.get("cgroup_procs", ()):
             with open(path, "w") as f:
                 f.write("0\n")
+
+    isolation_config = config.get("isolation")
+    if isolation_config is not None:
+        from sandbox import isolation
+
+        ids = isolation.worker_ids(isolation_config, int(config.get("slot", 0)))
+        tmp = isolation.apply_layers(
+            isolation_config, ids, netns_fd=netns_fd if netns_fd >= 0 else None,
+            host_namespaces=config.get("host_namespaces", {}),
+            allowed_fds=(0, 1, 2, CHANNEL_FD), join_cgroups=join_cgroups)
+        _posture.update(uid=os.getuid(), gid=os.getgid(), pid_in_namespace=os.getpid(),
+                        tmp=tmp, layers=[layer for layer in isolation.LAYERS
+                                         if isolation_config.enabled(layer)])
+    else:
+        join_cgroups()
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+
+
+_posture: dict[str, Any] = {}
 
 
 def _rss_bytes() -> int:
@@ -377,7 +396,8 @@ def main(channel_fd: int, stdout_fd: int, stderr_fd: int, config: Mapping[str, A
         _birth(channel_fd, stdout_fd, stderr_fd, config)
         sock = socket.socket(fileno=CHANNEL_FD)
         sock.setblocking(True)
-        _send(sock, {"t": "ready", "pid": os.getpid(), "rss": _rss_bytes(), "posture": {}})
+        _send(sock, {"t": "ready", "pid": os.getpid(), "rss": _rss_bytes(),
+                     "posture": _posture})
         gc.enable()
         while True:
             try:
@@ -389,6 +409,11 @@ def main(channel_fd: int, stdout_fd: int, stderr_fd: int, config: Mapping[str, A
             _invoke(sock, msg, config)
             if msg.get("last", True):
                 break
+            if os.getpid() == 1:
+                # pid 1 of its namespace: orphans of this invocation are ours to reap.
+                from sandbox import isolation
+
+                isolation.reap_children()
     except BaseException:
         try:
             traceback.print_exc()

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import gc
 import importlib
+import json
 import os
 import selectors
 import signal
@@ -74,14 +75,20 @@ def environment(instance: str, extra: Mapping[str, str] | None = None) -> dict[s
 
 
 def command(modules: Sequence[str], sys_path: Sequence[str], parent_pid: int,
-            control_fd: int) -> list[str]:
-    """The argv that starts a zygote (isolated mode; sys.path given explicitly)."""
+            control_fd: int, isolation: Mapping[str, Any] | None = None,
+            netns_fd: int = -1) -> list[str]:
+    """The argv that starts a zygote (isolated mode; sys.path given explicitly).
+
+    ``isolation`` is an :class:`sandbox.isolation.IsolationConfig` as a dict (None: no
+    isolation layers); ``netns_fd`` the shared empty network namespace (passed as an fd).
+    """
     boot = (
         "import sys; sys.path[:0] = [p for p in sys.argv[1].split(':') if p]; "
-        "from sandbox.zygote import serve; serve(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))"
+        "from sandbox.zygote import serve; "
+        "serve(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5], int(sys.argv[6]))"
     )
     return [sys.executable, "-I", "-c", boot, ":".join(sys_path), ",".join(modules),
-            str(parent_pid), str(control_fd)]
+            str(parent_pid), str(control_fd), json.dumps(isolation), str(netns_fd)]
 
 
 def _send(sock: socket.socket, message: Mapping[str, Any], fds: Sequence[int] = ()) -> None:
@@ -109,7 +116,32 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def serve(modules_arg: str, parent_pid: int, control_fd: int) -> None:
+def _detect_isolation(isolation_json: str, netns_fd: int, sock: socket.socket
+                      ) -> tuple[Any, dict[str, Any] | None]:
+    """Detect the isolation layers here, single-threaded, before any preload runs.
+
+    Returns the effective config (what every worker applies) and the report; in strict mode a
+    missing layer is reported as ``zfailed`` and the zygote exits.
+    """
+    wanted = json.loads(isolation_json)
+    if not wanted:
+        return None, None
+    from sandbox import isolation
+    from sandbox.errors import IsolationUnavailable
+
+    wanted["expose"] = tuple(wanted.get("expose", ()))
+    config = isolation.IsolationConfig(**wanted)
+    try:
+        report = isolation.detect(config, netns_fd=netns_fd if netns_fd >= 0 else None)
+    except IsolationUnavailable as exc:
+        _send(sock, {"t": "zfailed", "kind": "isolation", "module": "", "error": str(exc),
+                     "traceback": ""})
+        os._exit(0)
+    return report.effective, report.to_dict()
+
+
+def serve(modules_arg: str, parent_pid: int, control_fd: int, isolation_json: str = "null",
+          netns_fd: int = -1) -> None:
     """The zygote's main loop. Runs in the exec'd zygote process; never returns."""
     code = 0
     try:
@@ -123,11 +155,12 @@ def serve(modules_arg: str, parent_pid: int, control_fd: int) -> None:
         # Import the worker side now: it is part of every worker, so it belongs in the snapshot.
         from sandbox import worker
 
+        isolation_config, report = _detect_isolation(isolation_json, netns_fd, sock)
         if not _preload(modules, sock):
             os._exit(0)
         gc.collect()
         gc.freeze()
-        _Zygote(sock, modules, worker).run()
+        _Zygote(sock, modules, worker, isolation_config, report, netns_fd).run()
     except (BrokenPipeError, ConnectionError):
         code = 0  # the supervisor went away: nothing to report to
     except BaseException:
@@ -138,10 +171,21 @@ def serve(modules_arg: str, parent_pid: int, control_fd: int) -> None:
 
 
 class _Zygote:
-    def __init__(self, sock: socket.socket, modules: list[str], worker: Any) -> None:
+    def __init__(self, sock: socket.socket, modules: list[str], worker: Any,
+                 isolation_config: Any, report: dict[str, Any] | None, netns_fd: int) -> None:
         self.sock = sock
         self.modules = modules
         self.worker = worker
+        self.isolation = isolation_config
+        self.report = report
+        self.netns_fd = netns_fd
+        self.host_namespaces: dict[str, int] = {}
+        if isolation_config is not None:
+            from sandbox import isolation
+
+            # The zygote shares the supervisor's namespaces: the posture check compares with
+            # these.
+            self.host_namespaces = isolation.namespace_ids()
         self.children: set[int] = set()
         self.wake_r, self.wake_w = os.pipe()
         os.set_blocking(self.wake_r, False)
@@ -153,7 +197,8 @@ class _Zygote:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the supervisor
         _send(self.sock, {"t": "zready", "pid": os.getpid(), "modules": self.modules,
-                          "rss": _rss_bytes(), "threads": _linux.thread_count()})
+                          "rss": _rss_bytes(), "threads": _linux.thread_count(),
+                          "isolation": self.report})
         selector = selectors.DefaultSelector()
         selector.register(self.sock, selectors.EVENT_READ, "control")
         selector.register(self.wake_r, selectors.EVENT_READ, "sigchld")
@@ -228,11 +273,27 @@ class _Zygote:
             return
         config = dict(msg["config"])
         config["zygote_pid"] = os.getpid()
+        fork = os.fork
+        if self.isolation is not None:
+            from sandbox import isolation
+
+            iso = self.isolation
+            if config.get("network"):
+                # A function allowed on the network: the host's network namespace, and the
+                # seccomp filter lets INET sockets through.
+                import dataclasses
+
+                iso = dataclasses.replace(iso, net_ns=False, allow_network=True)
+            config["isolation"] = iso
+            config["netns_fd"] = self.netns_fd if iso.net_ns else -1
+            config["host_namespaces"] = self.host_namespaces
+            if iso.pid_ns:
+                fork = isolation.fork_in_new_pid_namespace
         for stream in (sys.stdout, sys.stderr):
             if stream is not None:
                 stream.flush()
         try:
-            pid = os.fork()
+            pid = fork()
         except OSError as exc:
             for fd in fds:
                 os.close(fd)

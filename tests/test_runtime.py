@@ -64,8 +64,14 @@ OUTCOMES = [
         """), Limits(wall_timeout_s=0.3), Outcome.TIMEOUT, "Timeout"),
     ("sleeps", "import time\ndef handler(e, c):\n    time.sleep(3600)\n",
      Limits(wall_timeout_s=0.3), Outcome.TIMEOUT, "Timeout"),
-    ("stops-itself", "import os, signal\ndef handler(e, c):\n    os.kill(os.getpid(), signal.SIGSTOP)\n",
-     Limits(wall_timeout_s=0.3), Outcome.TIMEOUT, "Timeout"),
+    # (as pid 1 of its own pid namespace the worker cannot stop itself: then it spins)
+    ("stops-itself", src("""
+        import os, signal
+        def handler(e, c):
+            os.kill(os.getpid(), signal.SIGSTOP)
+            while True:
+                pass
+        """), Limits(wall_timeout_s=0.3), Outcome.TIMEOUT, "Timeout"),
     ("reads-stdin", "import sys\ndef handler(e, c):\n    return sys.stdin.read()\n",
      None, Outcome.OK, None),  # stdin is /dev/null: reads EOF at once
     ("cpu-burner", "def handler(e, c):\n    while True:\n        pass\n",
@@ -171,33 +177,34 @@ def test_each_invocation_gets_a_fresh_process(rt: Runtime) -> None:
         counter = []
         def handler(e, c):
             counter.append(1)
+            leaked = os.environ.get("LEAK")
             os.environ["LEAK"] = "1"
-            return {"pid": os.getpid(), "count": len(counter)}
+            return {"count": len(counter), "leaked": leaked}
         """))
     first, second = rt.invoke("state"), rt.invoke("state")
-    assert first.result["pid"] != second.result["pid"]
-    assert first.result["count"] == second.result["count"] == 1
+    assert first.stats.worker_pid != second.stats.worker_pid
+    assert first.result == second.result == {"count": 1, "leaked": None}
 
 
 def test_reuse_keeps_worker_and_recycles_on_failure(rt: Runtime) -> None:
     rt.register("reuse", reuse=3, source=src("""
-        import os
         calls = []
         def handler(e, c):
             calls.append(1)
             if e == "fail":
                 raise RuntimeError("x")
-            return [os.getpid(), len(calls)]
+            return len(calls)
         """))
     a, b, c = (rt.invoke("reuse", i) for i in range(3))
-    assert a.result[0] == b.result[0] == c.result[0]
-    assert [a.result[1], b.result[1], c.result[1]] == [1, 2, 3]
+    assert a.stats.worker_pid == b.stats.worker_pid == c.stats.worker_pid
+    assert [a.result, b.result, c.result] == [1, 2, 3]
+    assert [a.stats.worker_invocations, c.stats.worker_invocations] == [1, 3]
     d = rt.invoke("reuse", 0)
-    assert d.result[0] != a.result[0]  # the worker served its 3 and was replaced
+    assert d.stats.worker_pid != a.stats.worker_pid  # served its 3 and was replaced
     assert rt.invoke("reuse", "fail").outcome is Outcome.FUNCTION_ERROR
     e = rt.invoke("reuse", 0)
-    assert e.result[0] != d.result[0]  # recycled after the failure
-    assert e.result[1] == 1
+    assert e.stats.worker_pid != d.stats.worker_pid  # recycled after the failure
+    assert e.result == 1
 
 
 def test_stdout_flood_is_truncated(rt: Runtime) -> None:
@@ -251,24 +258,35 @@ def test_async_handler(rt: Runtime) -> None:
     assert rt.invoke("co", 21).result == 42
 
 
-def test_cancel_kills_the_worker(rt: Runtime, tmp_path: Path) -> None:
-    fifo = tmp_path / "started"
-    os.mkfifo(fifo)
-    rt.register("hang", source=src(f"""
-        import os, time
+def test_cancel_kills_the_worker(rt: Runtime) -> None:
+    rt.register("hang", source=src("""
+        import time
         def handler(e, c):
-            with open({str(fifo)!r}, "w") as f:
-                f.write(str(os.getpid()))
+            yield "running"
             while True:
                 time.sleep(1)
         """))
-    handle = rt.submit("hang")
-    with open(fifo) as f:  # blocks until the function is running
-        pid = int(f.read())
-    handle.cancel()
-    result = handle.result(timeout=30)
+    stream = rt.stream("hang")
+    assert next(stream) == "running"  # the function is running now
+    stream.cancel()
+    result = stream.result()
     assert result.outcome is Outcome.CANCELLED
-    assert not _alive(pid)
+    assert result.stats.worker_pid is not None
+    assert _wait_dead(result.stats.worker_pid)
+
+
+def test_cancel_while_queued(rt: Runtime) -> None:
+    from sandbox import Runtime as R
+
+    with R(min_idle=0, max_concurrency=1) as one:
+        one.register("hang", source="import time\ndef handler(e, c):\n    time.sleep(60)\n")
+        running = one.submit("hang")
+        queued = one.submit("hang")
+        queued.cancel()
+        result = queued.result(timeout=30)
+        assert result.outcome is Outcome.CANCELLED and result.stats.worker_pid is None
+        running.cancel()
+        assert running.result(timeout=30).outcome is Outcome.CANCELLED
 
 
 def test_many_concurrent_invocations(rt: Runtime) -> None:
@@ -308,36 +326,59 @@ GRANDCHILD = src("""
                 import signal
                 for s in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
                     signal.signal(s, signal.SIG_IGN)
-                os.write(w, str(os.getpid()).encode())
+                # A name the test can find from outside (pids inside a namespace differ).
+                import ctypes
+                ctypes.CDLL(None).prctl(15, e["name"].encode(), 0, 0, 0)  # PR_SET_NAME
+                with open("/proc/self/comm") as f:
+                    named = f.read().strip() == e["name"]
+                os.write(w, b"ok" if named and os.getsid(0) != 1 else b"no")
                 os.close(w)
                 while True:
                     time.sleep(1)
             os._exit(0)
         os.close(w)
-        pid = int(os.read(r, 64))
-        if e == "return":
-            return pid
-        print(pid, flush=True)
+        if os.read(r, 64) != b"ok":
+            raise RuntimeError("the grandchild could not set itself up")
+        if e["mode"] == "return":
+            return "spawned"
+        print("spawned", flush=True)
         while True:
             time.sleep(1)
     """)
+
+
+def pids_named(name: str) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/comm") as f:
+                    if f.read().strip() == name:
+                        found.append(int(entry))
+            except OSError:
+                pass
+    return found
 
 
 @pytest.mark.skipif(not HAS_PIDSCG, reason="tree kill of setsid grandchildren needs a cgroup "
                     "(or the pid namespace layer)")
 @pytest.mark.parametrize("mode", ["return", "timeout"])
 def test_setsid_double_forked_grandchild_is_killed(rt: Runtime, mode: str) -> None:
+    import uuid
+
+    name = f"esc{uuid.uuid4().hex[:10]}"
     rt.register("escape", source=GRANDCHILD)
-    result = rt.invoke("escape", mode, limits=Limits(wall_timeout_s=1.0))
+    result = rt.invoke("escape", {"mode": mode, "name": name},
+                       limits=Limits(wall_timeout_s=1.0))
     if mode == "return":
-        assert result.outcome is Outcome.OK
-        pid = result.result
+        assert result.outcome is Outcome.OK and result.result == "spawned"
     else:
-        assert result.outcome is Outcome.TIMEOUT
-        pid = int(result.stdout.split()[0])
+        assert result.outcome is Outcome.TIMEOUT and result.stdout == "spawned\n"
     # SIGKILL was sent to every process of the tree before the result was delivered; the
     # kernel finishes the deaths asynchronously.
-    assert _wait_dead(pid), f"grandchild {pid} survived"
+    for pid in pids_named(name):
+        assert _wait_dead(pid), f"grandchild {pid} survived"
+    assert pids_named(name) == []
 
 
 @needs_pidscg
@@ -380,12 +421,11 @@ def test_memory_bomb(rt: Runtime, variant: str) -> None:
     assert result.stats.peak_memory_bytes is None or result.stats.peak_memory_bytes > 64 * MiB
 
 
-def test_file_size_limit_fails_inside(rt: Runtime, tmp_path: Path) -> None:
-    target = tmp_path / "big"
-    rt.register("big", source=src(f"""
+def test_file_size_limit_fails_inside(rt: Runtime) -> None:
+    rt.register("big", source=src("""
         def handler(e, c):
             try:
-                with open({str(target)!r}, "wb") as f:
+                with open("big", "wb") as f:
                     f.write(b"x" * (4 * 1024 * 1024))
             except OSError as exc:
                 return exc.errno

@@ -321,7 +321,7 @@ class IsolationLayer(_message.Message):
     def __init__(self, name: _Optional[str] = ..., available: _Optional[bool] = ..., enabled: _Optional[bool] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class GetInfoResponse(_message.Message):
-    __slots__ = ("version", "profiles", "pools", "isolation", "default_limits", "max_limits", "invoke_many_window", "max_message_bytes", "running", "max_concurrency", "queued", "max_queue")
+    __slots__ = ("version", "profiles", "pools", "isolation", "default_limits", "max_limits", "invoke_many_window", "max_message_bytes", "running", "max_concurrency", "queued", "max_queue", "isolation_mode")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     PROFILES_FIELD_NUMBER: _ClassVar[int]
     POOLS_FIELD_NUMBER: _ClassVar[int]
@@ -334,6 +334,7 @@ class GetInfoResponse(_message.Message):
     MAX_CONCURRENCY_FIELD_NUMBER: _ClassVar[int]
     QUEUED_FIELD_NUMBER: _ClassVar[int]
     MAX_QUEUE_FIELD_NUMBER: _ClassVar[int]
+    ISOLATION_MODE_FIELD_NUMBER: _ClassVar[int]
     version: str
     profiles: _containers.RepeatedCompositeFieldContainer[Profile]
     pools: _containers.RepeatedCompositeFieldContainer[Pool]
@@ -346,4 +347,5 @@ class GetInfoResponse(_message.Message):
     max_concurrency: int
     queued: int
     max_queue: int
-    def __init__(self, version: _Optional[str] = ..., profiles: _Optional[_Iterable[_Union[Profile, _Mapping]]] = ..., pools: _Optional[_Iterable[_Union[Pool, _Mapping]]] = ..., isolation: _Optional[_Iterable[_Union[IsolationLayer, _Mapping]]] = ..., default_limits: _Optional[_Union[Limits, _Mapping]] = ..., max_limits: _Optional[_Union[Limits, _Mapping]] = ..., invoke_many_window: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., running: _Optional[int] = ..., max_concurrency: _Optional[int] = ..., queued: _Optional[int] = ..., max_queue: _Optional[int] = ...) -> None: ...
+    isolation_mode: str
+    def __init__(self, version: _Optional[str] = ..., profiles: _Optional[_Iterable[_Union[Profile, _Mapping]]] = ..., pools: _Optional[_Iterable[_Union[Pool, _Mapping]]] = ..., isolation: _Optional[_Iterable[_Union[IsolationLayer, _Mapping]]] = ..., default_limits: _Optional[_Union[Limits, _Mapping]] = ..., max_limits: _Optional[_Union[Limits, _Mapping]] = ..., invoke_many_window: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., running: _Optional[int] = ..., max_concurrency: _Optional[int] = ..., queued: _Optional[int] = ..., max_queue: _Optional[int] = ..., isolation_mode: _Optional[str] = ...) -> None: ...

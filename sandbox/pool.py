@@ -338,6 +338,7 @@ class WorkerHandle:
         self.born = _monotonic()
         self.slot = -1
         self.network = False
+        self.idle_priority = False
         self.channel_eof = False
         self.violation: str | None = None
         self._reading = False
@@ -411,6 +412,7 @@ class WorkerHandle:
         self.kill()
         if not self.ready.done():
             self.ready.set_exception(WorkerStartError(f"worker {self.pid}: {why}"))
+            self.ready.exception()
         if self.execution is not None:
             self.execution.on_violation(why)
 
@@ -467,6 +469,7 @@ class WorkerHandle:
         if not self.ready.done():
             self.ready.set_exception(WorkerStartError(
                 f"worker {self.pid} died before it was ready"))
+            self.ready.exception()  # retrieved here: a closing pool may await it no more
         if self.execution is not None:
             self.execution.on_dead()
         self.pool.on_worker_dead(self)
@@ -652,6 +655,11 @@ class Execution:
         if worker.cgroup is not None:
             worker.cgroup.set_limits(memory_bytes=self.limits.memory_bytes,
                                      max_pids=self.limits.max_processes)
+        if worker.idle_priority:
+            # Warm workers wait at SCHED_IDLE; the invocation runs at normal priority.
+            worker.idle_priority = False
+            with contextlib.suppress(OSError):
+                os.sched_setscheduler(worker.pid, os.SCHED_OTHER, os.sched_param(0))
         if worker.served > 0:
             # A reused worker: measure this invocation only.
             if worker.cgroup is not None:
@@ -821,7 +829,8 @@ class Pool:
             self.refill()  # starts a replacement zygote through _ensure_zygote
 
     # workers ----------------------------------------------------------------------------------
-    async def spawn(self, *, network: bool = False) -> tuple[WorkerHandle, bool]:
+    async def spawn(self, *, network: bool = False, warm: bool = False
+                    ) -> tuple[WorkerHandle, bool]:
         """Fork a new worker and wait until it is ready; True if a zygote had to start.
 
         ``network``: born without the network namespace (for a function allowed on the
@@ -840,6 +849,8 @@ class Pool:
         config["memory_cgroup"] = self.memory_cgroup
         config["slot"] = slot
         config["network"] = network
+        # Warm workers (refills) are born at idle priority when we can undo it from outside.
+        config["idle_birth"] = idle_birth = warm and os.geteuid() == 0
         try:
             pid, pidfd = await zyg.spawn(config, [child.fileno(), out_w, err_w])
         except BaseException:
@@ -858,6 +869,7 @@ class Pool:
         worker = WorkerHandle(self, zyg, pid, pidfd, parent, out_r, err_r, cgroup)
         worker.slot = slot
         worker.network = network
+        worker.idle_priority = idle_birth
         self.workers.add(worker)
         try:
             await asyncio.wait_for(asyncio.shield(worker.ready), WORKER_READY_TIMEOUT_S)
@@ -897,13 +909,13 @@ class Pool:
         while self.idle and not network:
             worker = self.idle.popleft()
             if worker.alive:
+                # The refill starts after the result is delivered (AsyncRuntime._run): on
+                # two cores, forking next to a running function slows the function down.
                 self.busy.add(worker)
-                self.refill()
                 return worker, False, False
             self.discard(worker)
         worker, cold = await self.spawn(network=network)
         self.busy.add(worker)
-        self.refill()
         return worker, cold, True
 
     def release(self, worker: WorkerHandle, *, keep_for: FunctionInfo | None) -> None:
@@ -995,7 +1007,7 @@ class Pool:
             if self._refill_failures:
                 # Back off when births keep failing (a broken profile must not spin the CPU).
                 await asyncio.sleep(min(5.0, 0.05 * 2 ** self._refill_failures))
-            worker, _ = await self.spawn()
+            worker, _ = await self.spawn(warm=True)
         except Exception as exc:
             self._refill_failures += 1
             if not self.closed:

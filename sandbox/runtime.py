@@ -568,6 +568,10 @@ class AsyncRuntime:
         pool.release(worker, keep_for=keep)
         if keep is not None:
             worker.limits = limits
+        # Refill once the caller has its result: two hops, so the callbacks that deliver the
+        # result (queued when this task finishes) run first.
+        loop = asyncio.get_running_loop()
+        loop.call_soon(loop.call_soon, pool.refill)
         if caller_cancelled and not ticket.cancelled:
             raise asyncio.CancelledError
         return result

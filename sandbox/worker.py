@@ -116,6 +116,11 @@ def _send(sock: socket.socket, message: Mapping[str, Any]) -> None:
 
 def _birth(channel_fd: int, stdout_fd: int, stderr_fd: int, config: Mapping[str, Any]) -> None:
     os.setsid()
+    if config.get("idle_birth"):
+        # Born at idle priority: a warm worker is made with spare CPU only, never at the
+        # expense of running invocations. The supervisor restores SCHED_OTHER from outside
+        # when it hands the worker an invocation (it can: it is root).
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
     _linux.prctl(_linux.PR_SET_PDEATHSIG, signal.SIGKILL)
     # In a new pid namespace the parent is outside it and getppid() is 0. If the zygote died
     # before the prctl, the supervisor has closed its end of the channel: we exit on EOF.
@@ -320,7 +325,7 @@ def _iterate(value: Any) -> Iterator[Any] | None:
     return None
 
 
-def _invoke(sock: socket.socket, msg: Mapping[str, Any], config: Mapping[str, Any]) -> None:
+def _invoke(sock: Any, msg: Mapping[str, Any], config: Mapping[str, Any]) -> None:
     """Run one invocation and send exactly one terminal frame."""
     limits: dict[str, Any] = msg["limits"]
     content_type: str = msg["ct"]
@@ -389,6 +394,33 @@ class _EncodeError(Exception):
     pass
 
 
+class _Discard:
+    """A channel that drops what is sent: for the warm-up run."""
+
+    def sendall(self, data: bytes) -> None:
+        pass
+
+
+_WARM_UP_SOURCE = "def handler(event, context):\n    return [event, context.invocation_id]\n"
+
+
+def _warm_up(config: Mapping[str, Any]) -> None:
+    """Run the invocation path once on a trivial function before reporting ready.
+
+    A fresh fork shares every page with its zygote; the first run of the path (decoding,
+    compiling, calling, encoding) writes to many of them (reference counts, caches) and pays a
+    copy-on-write fault for each. Paying them here, at birth (idle priority), keeps them off
+    the invocation. Nothing of the run survives it.
+    """
+    fn = {"key": "__warm_up__", "name": "warm-up", "version": 0, "kind": "source",
+          "module": "", "attr": "handler", "path": "", "source": _WARM_UP_SOURCE}
+    msg = {"id": "warm-up", "fn": fn, "event": msgpack.packb({"x": [1, 2.5, "s", b"b"]}),
+           "ct": MSGPACK, "limits": {}, "timeout": None, "last": False}
+    _invoke(_Discard(), msg, config)
+    _loaded.pop("__warm_up__", None)
+    sys.modules.pop("__sandbox_function__", None)
+
+
 def main(channel_fd: int, stdout_fd: int, stderr_fd: int, config: Mapping[str, Any]) -> None:
     """The worker's whole life. Called in the zygote's child; never returns."""
     code = 0
@@ -396,6 +428,7 @@ def main(channel_fd: int, stdout_fd: int, stderr_fd: int, config: Mapping[str, A
         _birth(channel_fd, stdout_fd, stderr_fd, config)
         sock = socket.socket(fileno=CHANNEL_FD)
         sock.setblocking(True)
+        _warm_up(config)
         _send(sock, {"t": "ready", "pid": os.getpid(), "rss": _rss_bytes(),
                      "posture": _posture})
         gc.enable()

@@ -292,6 +292,13 @@ class _Zygote:
         for stream in (sys.stdout, sys.stderr):
             if stream is not None:
                 stream.flush()
+        idle = bool(config.get("idle_birth"))
+        if idle:
+            # A warm (refill) worker: fork with spare CPU only. Root may switch back after.
+            try:
+                os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+            except OSError:
+                idle = False
         try:
             pid = fork()
         except OSError as exc:
@@ -304,6 +311,8 @@ class _Zygote:
                 self.worker.main(fds[0], fds[1], fds[2], config)
             finally:
                 os._exit(72)
+        if idle:
+            os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
         for fd in fds:
             os.close(fd)
         self.children.add(pid)

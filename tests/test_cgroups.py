@@ -249,6 +249,8 @@ def _groups_named(prefix: str) -> list[str]:
 def _force_remove(path: str) -> None:
     for sub in [p for p in Path(path).iterdir() if p.is_dir()]:
         _force_remove(str(sub))
+    if os.path.exists(path + "/freezer.state"):
+        Path(path, "freezer.state").write_text("THAWED")  # a frozen task cannot die
     for pid in Path(path, "cgroup.procs").read_text().split():
         os.kill(int(pid), signal.SIGKILL)
         wait_exit(int(pid))

@@ -86,10 +86,12 @@ class ZygoteHandle:
 
     def __init__(self, profile: str, modules: Sequence[str], instance: str,
                  on_death: Callable[[ZygoteHandle], None],
-                 isolation: Mapping[str, Any] | None = None, netns_fd: int = -1) -> None:
+                 isolation: Mapping[str, Any] | None = None, netns_fd: int = -1,
+                 gc_freeze: bool = True) -> None:
         self.profile = profile
         self.modules = tuple(modules)
         self.instance = instance
+        self.gc_freeze = gc_freeze
         self.isolation = isolation
         self.netns_fd = netns_fd
         #: what the zygote detected (``IsolationReport.to_dict()``), None without isolation
@@ -112,7 +114,8 @@ class ZygoteHandle:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             argv = zygote.command(self.modules, [p for p in sys.path if p], os.getpid(),
-                                  child.fileno(), self.isolation, self.netns_fd)
+                                  child.fileno(), self.isolation, self.netns_fd,
+                                  self.gc_freeze)
             fds = [child.fileno()] + ([self.netns_fd] if self.netns_fd >= 0 else [])
             self._proc = subprocess.Popen(
                 argv, pass_fds=fds, env=zygote.environment(self.instance),
@@ -763,8 +766,9 @@ class Pool:
     def __init__(self, profile: str, modules: Sequence[str], *, instance: str, min_idle: int,
                  cgroups: CgroupManager | None, birth_config: Mapping[str, Any],
                  slots: SlotAllocator, isolation: Mapping[str, Any] | None = None,
-                 netns_fd: int = -1) -> None:
+                 netns_fd: int = -1, gc_freeze: bool = True) -> None:
         self.profile = profile
+        self.gc_freeze = gc_freeze
         self.slots = slots
         self.isolation = isolation
         self.netns_fd = netns_fd
@@ -811,7 +815,7 @@ class Pool:
 
     async def _start_zygote(self) -> ZygoteHandle:
         zyg = ZygoteHandle(self.profile, self.modules, self.instance, self._on_zygote_death,
-                           self.isolation, self.netns_fd)
+                           self.isolation, self.netns_fd, self.gc_freeze)
         self.zygote_starts += 1
         await zyg.start()
         if self.closed:

@@ -111,6 +111,8 @@ class AsyncRuntime:
         bundle_dir: where registered files, directories and zips are copied (content
             addressed) so workers can read them; default a private directory under
             ``/var/tmp`` removed at close.
+        gc_freeze: call ``gc.freeze()`` in each zygote after preloading (default; turning it
+            off only serves to measure what it saves).
 
     Use it as ``async with AsyncRuntime(...) as rt:`` or call :meth:`start` and
     :meth:`aclose`.
@@ -128,6 +130,7 @@ class AsyncRuntime:
         cgroups: bool | None = None,
         isolation: Any = None,
         bundle_dir: str | os.PathLike[str] | None = None,
+        gc_freeze: bool = True,
     ) -> None:
         if not isinstance(limits, Limits):
             raise ConfigurationError("limits must be a sandbox.Limits")
@@ -158,6 +161,7 @@ class AsyncRuntime:
         self._bundle_dir_given = bundle_dir is not None
         self._bundle_dir = str(bundle_dir) if bundle_dir is not None else None
         self._slots_alloc: Any = None
+        self.gc_freeze = bool(gc_freeze)
         # Every process of this runtime carries SANDBOX_INSTANCE=<instance> in its environment,
         # so an operator (or a test) can find them; SANDBOX_INSTANCE_TAG prefixes it.
         tag = os.environ.get("SANDBOX_INSTANCE_TAG", "")
@@ -300,7 +304,7 @@ class AsyncRuntime:
             iso["expose"] = list(cfg.expose)
         pool = Pool(name, self._profiles[name], instance=self.instance, min_idle=self.min_idle,
                     cgroups=self._cgroups, birth_config={}, slots=self._slots_alloc,
-                    isolation=iso, netns_fd=self._netns_fd)
+                    isolation=iso, netns_fd=self._netns_fd, gc_freeze=self.gc_freeze)
         self._pools[name] = pool
         await pool.start()
 

@@ -76,11 +76,12 @@ def environment(instance: str, extra: Mapping[str, str] | None = None) -> dict[s
 
 def command(modules: Sequence[str], sys_path: Sequence[str], parent_pid: int,
             control_fd: int, isolation: Mapping[str, Any] | None = None,
-            netns_fd: int = -1) -> list[str]:
+            netns_fd: int = -1, gc_freeze: bool = True) -> list[str]:
     """The argv that starts a zygote (isolated mode; sys.path given explicitly).
 
     ``isolation`` is an :class:`sandbox.isolation.IsolationConfig` as a dict (None: no
-    isolation layers); ``netns_fd`` the shared empty network namespace (passed as an fd).
+    isolation layers); ``netns_fd`` the shared empty network namespace (passed as an fd);
+    ``gc_freeze`` False skips ``gc.freeze()`` (only to measure what it saves).
     """
     boot = (
         "import sys; sys.path[:0] = [p for p in sys.argv[1].split(':') if p]; "
@@ -88,7 +89,8 @@ def command(modules: Sequence[str], sys_path: Sequence[str], parent_pid: int,
         "serve(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5], int(sys.argv[6]))"
     )
     return [sys.executable, "-I", "-c", boot, ":".join(sys_path), ",".join(modules),
-            str(parent_pid), str(control_fd), json.dumps(isolation), str(netns_fd)]
+            str(parent_pid), str(control_fd),
+            json.dumps({"isolation": isolation, "gc_freeze": gc_freeze}), str(netns_fd)]
 
 
 def _send(sock: socket.socket, message: Mapping[str, Any], fds: Sequence[int] = ()) -> None:
@@ -116,14 +118,13 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def _detect_isolation(isolation_json: str, netns_fd: int, sock: socket.socket
+def _detect_isolation(wanted: dict[str, Any] | None, netns_fd: int, sock: socket.socket
                       ) -> tuple[Any, dict[str, Any] | None]:
     """Detect the isolation layers here, single-threaded, before any preload runs.
 
     Returns the effective config (what every worker applies) and the report; in strict mode a
     missing layer is reported as ``zfailed`` and the zygote exits.
     """
-    wanted = json.loads(isolation_json)
     if not wanted:
         return None, None
     from sandbox import isolation
@@ -140,7 +141,7 @@ def _detect_isolation(isolation_json: str, netns_fd: int, sock: socket.socket
     return report.effective, report.to_dict()
 
 
-def serve(modules_arg: str, parent_pid: int, control_fd: int, isolation_json: str = "null",
+def serve(modules_arg: str, parent_pid: int, control_fd: int, options_json: str = "{}",
           netns_fd: int = -1) -> None:
     """The zygote's main loop. Runs in the exec'd zygote process; never returns."""
     code = 0
@@ -155,11 +156,13 @@ def serve(modules_arg: str, parent_pid: int, control_fd: int, isolation_json: st
         # Import the worker side now: it is part of every worker, so it belongs in the snapshot.
         from sandbox import worker
 
-        isolation_config, report = _detect_isolation(isolation_json, netns_fd, sock)
+        options = json.loads(options_json)
+        isolation_config, report = _detect_isolation(options.get("isolation"), netns_fd, sock)
         if not _preload(modules, sock):
             os._exit(0)
         gc.collect()
-        gc.freeze()
+        if options.get("gc_freeze", True):
+            gc.freeze()
         _Zygote(sock, modules, worker, isolation_config, report, netns_fd).run()
     except (BrokenPipeError, ConnectionError):
         code = 0  # the supervisor went away: nothing to report to

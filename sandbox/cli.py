@@ -147,6 +147,21 @@ def _run(args: argparse.Namespace) -> int:
     return EXIT_OK if result.outcome is Outcome.OK else EXIT_OUTCOME
 
 
+def _bench(args: argparse.Namespace) -> int:
+    return _run_bench(args.args)
+
+
+def _run_bench(argv: list[str]) -> int:
+    try:
+        from benchmarks.cli import main as bench_main
+    except ImportError as exc:
+        print(f"sandbox bench: error: the benchmarks are not installed ({exc}); install with "
+              "pip install -e '.[bench]' from a checkout", file=sys.stderr)
+        return EXIT_USAGE
+    code: int = bench_main(argv)
+    return code
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="sandbox", description="Run untrusted Python functions in cheap, "
                      "isolated, resource-limited processes.")
@@ -155,7 +170,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="log to stderr (-v info, -vv debug)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     _add_run(sub)
-    for module_name in ("sandbox.remote_cli", "sandbox.doctor", "benchmarks.cli"):
+    bench = sub.add_parser(
+        "bench", help="run the benchmarks (coldstart, latency, throughput, timeouts, memory, "
+        "paper)", add_help=False,
+        description="Same as `python -m benchmarks`; `sandbox bench --help` for its options.")
+    bench.add_argument("args", nargs=argparse.REMAINDER)
+    bench.set_defaults(func=_bench)
+    for module_name in ("sandbox.remote_cli", "sandbox.doctor"):
         try:
             module = __import__(module_name, fromlist=["add_subcommands"])
         except ImportError:
@@ -167,6 +188,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:
+        # Everything after `bench` belongs to the benchmarks' own parser (--help included).
+        return _run_bench(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:

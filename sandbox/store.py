@@ -16,7 +16,9 @@ Layout::
                               "versions": [{"version": 1, "digest": "…", "handler": "m:f",
                                             "preload": ["numpy"], "limits": {…},
                                             "created": 1700000000.0, "source_format": "python",
-                                            "source_size_bytes": 123}, …]}}}
+                                            "source_size_bytes": 123, "reuse": 1}, …]}}}
+
+(``reuse`` is absent from indexes written before it existed: it reads as 1, single-use.)
 
 Deploying a name again makes a new version; version numbers are never reused, even after a
 delete. Bundles are written before the index that names them, and deleted after the index that
@@ -103,6 +105,7 @@ class StoredFunction:
         created: deployment time, seconds since the epoch.
         source_format: ``"python"`` (one ``.py`` file) or ``"zip"``.
         source_size_bytes: size of the source.
+        reuse: invocations one worker serves before it is replaced (1: single-use).
     """
 
     name: str
@@ -114,6 +117,7 @@ class StoredFunction:
     created: float
     source_format: SourceFormat
     source_size_bytes: int
+    reuse: int = 1
 
     @property
     def module(self) -> str:
@@ -151,6 +155,7 @@ class StoredFunction:
             "created": self.created,
             "source_format": self.source_format,
             "source_size_bytes": self.source_size_bytes,
+            "reuse": self.reuse,
         }
 
     @classmethod
@@ -161,6 +166,9 @@ class StoredFunction:
         digest = str(data["digest"])
         if not _DIGEST_RE.match(digest):
             raise ValueError(f"bad digest {digest!r}")
+        reuse = int(data.get("reuse", 1))  # absent in indexes written before it existed
+        if reuse < 1:
+            raise ValueError(f"bad reuse {reuse!r}")
         return cls(
             name=name,
             version=int(data["version"]),
@@ -171,6 +179,7 @@ class StoredFunction:
             created=float(data["created"]),
             source_format=fmt,
             source_size_bytes=int(data["source_size_bytes"]),
+            reuse=reuse,
         )
 
 
@@ -316,14 +325,19 @@ class FunctionStore:
         limits: Limits | None = None,
         source_format: SourceFormat | None = None,
         created: float | None = None,
+        reuse: int = 1,
     ) -> StoredFunction:
         """Store a bundle and record it as the next version of ``name``.
 
+        ``reuse``: invocations one worker serves before it is replaced (0 means 1, single-use).
+
         Raises:
-            InvalidRequest: bad name, handler, preload module, or source (too large, not UTF-8,
-                not a valid zip, an entry escaping the bundle, the handler's module missing).
+            InvalidRequest: bad name, handler, preload module, reuse, or source (too large, not
+                UTF-8, not a valid zip, an entry escaping the bundle, the handler's module
+                missing).
         """
         check_name(name)
+        reuse = check_reuse(reuse)
         if source_format is None:
             source_format = detect_format(source)
         if len(source) > self.max_source_bytes:
@@ -356,6 +370,7 @@ class FunctionStore:
                 created=time.time() if created is None else created,
                 source_format=source_format,
                 source_size_bytes=len(source),
+                reuse=reuse,
             )
             self._write_bundle(fn, source)
             entry.versions.append(fn)
@@ -456,6 +471,19 @@ def check_name(name: str) -> None:
         raise InvalidRequest(
             f"invalid function name {name!r}: use letters, digits, '_', '-' and '.', starting "
             "with a letter or digit, at most 128 characters")
+
+
+#: The largest ``reuse`` a deployment may ask for (the wire field is a uint32).
+MAX_REUSE = 2**32 - 1
+
+
+def check_reuse(reuse: int) -> int:
+    """``reuse`` as stored: 0 (unset on the wire) means 1; raises InvalidRequest when negative
+    or too large."""
+    reuse = int(reuse)
+    if reuse < 0 or reuse > MAX_REUSE:
+        raise InvalidRequest(f"reuse must be between 0 (single-use) and {MAX_REUSE}, got {reuse}")
+    return max(1, reuse)
 
 
 def normalize_handler(handler: str, source_format: SourceFormat) -> str:

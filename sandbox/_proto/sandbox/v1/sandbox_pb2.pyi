@@ -63,7 +63,7 @@ class Limits(_message.Message):
     def __init__(self, wall_timeout_s: _Optional[float] = ..., cpu_time_s: _Optional[float] = ..., memory_bytes: _Optional[int] = ..., max_processes: _Optional[int] = ..., max_open_files: _Optional[int] = ..., max_file_size_bytes: _Optional[int] = ..., max_result_bytes: _Optional[int] = ..., max_log_bytes: _Optional[int] = ..., network: _Optional[bool] = ...) -> None: ...
 
 class Function(_message.Message):
-    __slots__ = ("name", "version", "digest", "handler", "preload", "limits", "create_time", "source_format", "source_size_bytes", "profile")
+    __slots__ = ("name", "version", "digest", "handler", "preload", "limits", "create_time", "source_format", "source_size_bytes", "profile", "reuse")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     DIGEST_FIELD_NUMBER: _ClassVar[int]
@@ -74,6 +74,7 @@ class Function(_message.Message):
     SOURCE_FORMAT_FIELD_NUMBER: _ClassVar[int]
     SOURCE_SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
     PROFILE_FIELD_NUMBER: _ClassVar[int]
+    REUSE_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: int
     digest: str
@@ -84,23 +85,26 @@ class Function(_message.Message):
     source_format: SourceFormat
     source_size_bytes: int
     profile: str
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., digest: _Optional[str] = ..., handler: _Optional[str] = ..., preload: _Optional[_Iterable[str]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., source_format: _Optional[_Union[SourceFormat, str]] = ..., source_size_bytes: _Optional[int] = ..., profile: _Optional[str] = ...) -> None: ...
+    reuse: int
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., digest: _Optional[str] = ..., handler: _Optional[str] = ..., preload: _Optional[_Iterable[str]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., source_format: _Optional[_Union[SourceFormat, str]] = ..., source_size_bytes: _Optional[int] = ..., profile: _Optional[str] = ..., reuse: _Optional[int] = ...) -> None: ...
 
 class DeployRequest(_message.Message):
-    __slots__ = ("name", "source", "source_format", "handler", "limits", "preload")
+    __slots__ = ("name", "source", "source_format", "handler", "limits", "preload", "reuse")
     NAME_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FORMAT_FIELD_NUMBER: _ClassVar[int]
     HANDLER_FIELD_NUMBER: _ClassVar[int]
     LIMITS_FIELD_NUMBER: _ClassVar[int]
     PRELOAD_FIELD_NUMBER: _ClassVar[int]
+    REUSE_FIELD_NUMBER: _ClassVar[int]
     name: str
     source: bytes
     source_format: SourceFormat
     handler: str
     limits: Limits
     preload: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, name: _Optional[str] = ..., source: _Optional[bytes] = ..., source_format: _Optional[_Union[SourceFormat, str]] = ..., handler: _Optional[str] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., preload: _Optional[_Iterable[str]] = ...) -> None: ...
+    reuse: int
+    def __init__(self, name: _Optional[str] = ..., source: _Optional[bytes] = ..., source_format: _Optional[_Union[SourceFormat, str]] = ..., handler: _Optional[str] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., preload: _Optional[_Iterable[str]] = ..., reuse: _Optional[int] = ...) -> None: ...
 
 class DeployResponse(_message.Message):
     __slots__ = ("function",)

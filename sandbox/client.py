@@ -125,6 +125,8 @@ class RemoteFunction:
     created: datetime.datetime | None
     source_format: str | None
     source_size_bytes: int
+    #: invocations one worker serves before it is replaced (1: single-use)
+    reuse: int = 1
 
     @classmethod
     def from_proto(cls, msg: pb.Function) -> RemoteFunction:
@@ -134,7 +136,7 @@ class RemoteFunction:
                    preload=tuple(msg.preload), profile=msg.profile,
                    limits=limits_from_proto(msg.limits) or Limits(), created=created,
                    source_format=source_format_from_proto(msg.source_format),
-                   source_size_bytes=msg.source_size_bytes)
+                   source_size_bytes=msg.source_size_bytes, reuse=max(1, msg.reuse))
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -143,6 +145,7 @@ class RemoteFunction:
             "limits": {k: v for k, v in self.limits.to_dict().items() if v is not None},
             "created": None if self.created is None else self.created.isoformat(),
             "source_format": self.source_format, "source_size_bytes": self.source_size_bytes,
+            "reuse": self.reuse,
         }
 
 
@@ -235,8 +238,8 @@ def _many_response(msg: pb.InvokeManyResponse) -> InvocationResult | InvocationR
 
 
 def _deploy_request(name: str, source: bytes | str | Path, *, handler: str,
-                    preload: Sequence[str], limits: Limits | None, source_format: str | None
-                    ) -> pb.DeployRequest:
+                    preload: Sequence[str], limits: Limits | None, source_format: str | None,
+                    reuse: int = 1) -> pb.DeployRequest:
     if isinstance(source, Path):
         if source_format is None:
             source_format = "zip" if source.suffix == ".zip" else None
@@ -245,8 +248,10 @@ def _deploy_request(name: str, source: bytes | str | Path, *, handler: str,
         data = source.encode()
     else:
         data = source
+    if isinstance(reuse, bool) or not isinstance(reuse, int) or not 1 <= reuse < 2**32:
+        raise InvalidRequest(f"reuse must be an int between 1 and 2**32 - 1, got {reuse!r}")
     msg = pb.DeployRequest(name=name, source=data, handler=handler, preload=list(preload),
-                           source_format=source_format_to_proto(source_format))
+                           source_format=source_format_to_proto(source_format), reuse=reuse)
     converted = limits_to_proto(limits)
     if converted is not None:
         msg.limits.CopyFrom(converted)
@@ -355,11 +360,15 @@ class Client:
     # -- functions ---------------------------------------------------------------------------
     def deploy(self, name: str, source: bytes | str | Path, *, handler: str = "",
                preload: Sequence[str] = (), limits: Limits | None = None,
-               source_format: str | None = None, timeout: float | None = None
-               ) -> RemoteFunction:
-        """Deploy ``source`` (Python text, bytes of a ``.py`` or zip, or a path to either)."""
+               source_format: str | None = None, reuse: int = 1,
+               timeout: float | None = None) -> RemoteFunction:
+        """Deploy ``source`` (Python text, bytes of a ``.py`` or zip, or a path to either).
+
+        ``reuse``: invocations one worker serves before it is replaced (1, the default: a fresh
+        process for every invocation).
+        """
         request = _deploy_request(name, source, handler=handler, preload=preload,
-                                  limits=limits, source_format=source_format)
+                                  limits=limits, source_format=source_format, reuse=reuse)
         return RemoteFunction.from_proto(
             self._unary(self.stub.Deploy, request, timeout).function)
 
@@ -509,10 +518,10 @@ class AsyncClient:
 
     async def deploy(self, name: str, source: bytes | str | Path, *, handler: str = "",
                      preload: Sequence[str] = (), limits: Limits | None = None,
-                     source_format: str | None = None, timeout: float | None = None
-                     ) -> RemoteFunction:
+                     source_format: str | None = None, reuse: int = 1,
+                     timeout: float | None = None) -> RemoteFunction:
         request = _deploy_request(name, source, handler=handler, preload=preload,
-                                  limits=limits, source_format=source_format)
+                                  limits=limits, source_format=source_format, reuse=reuse)
         response = await self._unary(self.stub.Deploy, request, timeout)
         return RemoteFunction.from_proto(response.function)
 

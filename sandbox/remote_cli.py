@@ -132,13 +132,23 @@ def _client(args: argparse.Namespace) -> Any:
     return Client(args.target, timeout=args.timeout)
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if not 1 <= value < 2**32:
+        raise argparse.ArgumentTypeError(f"must be between 1 and {2**32 - 1}, got {value}")
+    return value
+
+
 def _deploy(args: argparse.Namespace) -> int:
     try:
         limits = parse_limits(args.limit)
         preload = [m.strip() for item in args.preload for m in item.split(",") if m.strip()]
         with _client(args) as client:
             fn = client.deploy(args.name, Path(args.source), handler=args.handler,
-                               preload=preload, limits=limits)
+                               preload=preload, limits=limits, reuse=args.reuse)
     except (SandboxError, ValueError, OSError) as exc:
         return _fail(exc)
     _print_json(fn.to_dict())
@@ -263,6 +273,9 @@ def add_subcommands(subparsers: Any) -> None:
                         "main:handler)")
     p.add_argument("--preload", action="append", default=[], metavar="MOD[,MOD...]",
                    help="modules to import in the zygote before forking")
+    p.add_argument("--reuse", type=_positive_int, default=1, metavar="N",
+                   help="invocations one worker serves before it is replaced (default 1: a "
+                        "fresh process for every invocation)")
     _add_limit(p, what="default ")
     _add_target(p)
     p.set_defaults(func=_deploy)

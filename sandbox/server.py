@@ -202,7 +202,8 @@ def _function_to_proto(info: FunctionInfo, stored: StoredFunction | None,
     msg = pb.Function(name=info.name, version=info.version, digest=info.digest,
                       handler=stored.handler if stored is not None else info.handler,
                       preload=list(stored.preload if stored is not None else modules),
-                      profile=info.profile)
+                      profile=info.profile,
+                      reuse=max(1, stored.reuse if stored is not None else info.reuse))
     limits = limits_to_proto(info.limits)
     if limits is not None:
         msg.limits.CopyFrom(limits)
@@ -276,7 +277,7 @@ class SandboxServicer(pb_grpc.SandboxServicer):
                 stored = await asyncio.to_thread(
                     self.store.deploy, request.name, request.source, handler=request.handler,
                     preload=list(request.preload), limits=limits,
-                    source_format=fmt)
+                    source_format=fmt, reuse=request.reuse)
                 try:
                     info = self._register(stored)
                 except BaseException:
@@ -406,8 +407,8 @@ class SandboxServicer(pb_grpc.SandboxServicer):
         assert self.store is not None
         return self.runtime.register(
             stored.name, path=self.store.bundle_path(stored), handler=stored.runtime_handler,
-            profile=stored.profile, limits=stored.limits, version=stored.version,
-            digest=stored.digest)
+            profile=stored.profile, limits=stored.limits, reuse=stored.reuse,
+            version=stored.version, digest=stored.digest)
 
     def _function(self, info: FunctionInfo) -> pb.Function:
         stored = None

@@ -85,10 +85,11 @@ def no_process_left_behind() -> Iterator[None]:
             pytest.fail("processes left behind: " + "; ".join(details))
 
 
-@pytest.fixture
-def rt() -> Iterator[Runtime]:
-    """A started runtime with one warm worker per profile, closed after the test."""
-    runtime = Runtime(min_idle=1)
+@pytest.fixture(params=["strict", "off"])
+def rt(request: pytest.FixtureRequest) -> Iterator[Runtime]:
+    """A started runtime with one warm worker per profile, closed after the test: once with
+    every isolation layer (strict), once with processes, rlimits and cgroups only (off)."""
+    runtime = Runtime(min_idle=1, isolation=request.param)
     try:
         yield runtime
     finally:

@@ -220,6 +220,31 @@ def test_deploy_with_preload_makes_a_profile(client: Client) -> None:
     assert client.invoke("preloaded", [1]).unwrap() == "[1]"
 
 
+def test_deploy_reuse_serves_calls_from_one_worker(server: ServerProcess,
+                                                   client: Client) -> None:
+    source = "def handler(event, context):\n    return event\n"
+    reused = client.deploy("reused", source, reuse=100)
+    assert reused.reuse == 100 and client.function("reused").reuse == 100
+    results = [client.invoke("reused", i) for i in range(4)]
+    assert [r.unwrap() for r in results] == [0, 1, 2, 3]
+    assert len({r.stats.worker_pid for r in results}) == 1, [r.stats for r in results]
+    assert [r.stats.worker_invocations for r in results] == [1, 2, 3, 4]
+
+    single = client.deploy("single-use", source)
+    assert single.reuse == 1
+    pids = [client.invoke("single-use", i).stats.worker_pid for i in range(3)]
+    assert len(set(pids)) == 3, pids
+
+    async def via_async_client() -> int:
+        async with AsyncClient(server.target) as aclient:
+            fn = await aclient.deploy("reused-async", source, reuse=2)
+            return fn.reuse
+
+    assert asyncio.run(via_async_client()) == 2
+    with pytest.raises(InvalidRequest, match="reuse"):
+        client.deploy("bad-reuse", source, reuse=0)
+
+
 @pytest.mark.parametrize(("kwargs", "match"), [
     ({"name": "bad/name"}, "invalid function name"),
     ({"preload": ["no_such_module_for_sandbox_tests"]}, "no_such_module_for_sandbox_tests"),
@@ -531,6 +556,13 @@ def test_cli_deploy_invoke_functions_info(server: ServerProcess, tmp_path: Path)
     done = _cli("deploy", "cli-add", str(source), "--handler", "adder:handler", *target)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["handler"] == "adder:handler"
+    done = _cli("deploy", "cli-reused", str(source), "--handler", "adder:handler",
+                "--reuse", "5", *target)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["reuse"] == 5
+    pids = {json.loads(_cli("invoke", "cli-reused", '{"a": 1}', *target).stdout)["stats"]
+            ["worker_pid"] for _ in range(2)}
+    assert len(pids) == 1, pids
     done = _cli("invoke", "cli-add", '{"a": 41}', *target)
     assert done.returncode == 0, done.stderr
     out = json.loads(done.stdout)
@@ -606,6 +638,7 @@ def test_restart_keeps_deployed_functions(tmp_path: Path) -> None:
             client.deploy("kept", "def handler(e, c):\n    return 'v1'\n")
             client.deploy("kept", "def handler(e, c):\n    return 'v2'\n", preload=["json"])
             client.deploy("gone", "def handler(e, c):\n    return 0\n")
+            client.deploy("reused", "def handler(e, c):\n    return 0\n", reuse=7)
             client.delete("gone")
     finally:
         assert first.stop() == 0
@@ -616,6 +649,9 @@ def test_restart_keeps_deployed_functions(tmp_path: Path) -> None:
             assert client.invoke("kept").unwrap() == "v2"
             assert client.invoke("kept", version=1).unwrap() == "v1"
             assert client.function("kept").profile == "json"
+            assert client.function("reused").reuse == 7
+            pids = {client.invoke("reused").stats.worker_pid for _ in range(2)}
+            assert len(pids) == 1, pids
             with pytest.raises(FunctionNotFound):
                 client.function("gone")
             assert client.deploy("kept", "def handler(e, c):\n    return 3\n").version == 3

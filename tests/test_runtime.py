@@ -577,3 +577,20 @@ def test_overload_is_refused() -> None:
         for h in handles:
             h.cancel()
         assert [h.result(timeout=30).outcome for h in handles] == [Outcome.CANCELLED] * 3
+
+
+def test_without_cgroups_memory_falls_back_to_an_rlimit() -> None:
+    with Runtime(min_idle=0, cgroups=False, isolation="off") as runtime:
+        layer = runtime.info()["isolation"]["layers"]["cgroup_memory"]
+        assert layer == {"available": False, "enabled": False,
+                         "reason": "disabled by configuration"}
+        runtime.register("mem", source=src("""
+            def handler(e, c):
+                hoard = []
+                while True:
+                    hoard.append(bytearray(16 * 1024 * 1024))
+            """))
+        result = runtime.invoke("mem", limits=Limits(memory_bytes=128 * MiB))
+        assert result.outcome is Outcome.MEMORY_LIMIT
+        runtime.register("ok", source="def handler(e, c):\n    return 1\n")
+        assert runtime.invoke("ok").result == 1

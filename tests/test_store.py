@@ -127,6 +127,36 @@ def test_index_is_plain_json_written_atomically(store: FunctionStore) -> None:
     assert leftovers == []
 
 
+def test_reuse_is_stored_and_defaults_to_single_use(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    with FunctionStore(state) as s:
+        assert s.deploy("single", SOURCE).reuse == 1
+        assert s.deploy("unset", SOURCE, reuse=0).reuse == 1  # 0: unset on the wire
+        assert s.deploy("reused", SOURCE, reuse=50).reuse == 50
+        for bad in (-1, 2**32):
+            with pytest.raises(InvalidRequest, match="reuse"):
+                s.deploy("bad", SOURCE, reuse=bad)
+        data = json.loads(s.index_path.read_text())
+        assert data["functions"]["reused"]["versions"][0]["reuse"] == 50
+    with FunctionStore(state) as s:
+        assert (s.get("single").reuse, s.get("unset").reuse, s.get("reused").reuse) == (1, 1, 50)
+
+
+def test_index_without_reuse_reads_as_single_use(tmp_path: Path) -> None:
+    """Indexes written before `reuse` existed lack the key: backward compatible."""
+    state = tmp_path / "state"
+    with FunctionStore(state) as s:
+        s.deploy("old", SOURCE)
+    data = json.loads((state / "index.json").read_text())
+    for entry in data["functions"].values():
+        for version in entry["versions"]:
+            del version["reuse"]
+    (state / "index.json").write_text(json.dumps(data))
+    with FunctionStore(state) as s:
+        assert s.get("old").reuse == 1
+        assert s.deploy("old", SOURCE, reuse=3).reuse == 3
+
+
 def test_missing_bundle_drops_only_that_version(tmp_path: Path) -> None:
     state = tmp_path / "state"
     with FunctionStore(state) as s:

@@ -113,6 +113,8 @@ class AsyncRuntime:
             ``/var/tmp`` removed at close.
         gc_freeze: call ``gc.freeze()`` in each zygote after preloading (default; turning it
             off only serves to measure what it saves).
+        recycle_rss_growth_bytes: a reused worker whose RSS grew by more than this since its
+            birth is replaced rather than kept.
 
     Use it as ``async with AsyncRuntime(...) as rt:`` or call :meth:`start` and
     :meth:`aclose`.
@@ -131,6 +133,7 @@ class AsyncRuntime:
         isolation: Any = None,
         bundle_dir: str | os.PathLike[str] | None = None,
         gc_freeze: bool = True,
+        recycle_rss_growth_bytes: int = 64 * 1024 * 1024,
     ) -> None:
         if not isinstance(limits, Limits):
             raise ConfigurationError("limits must be a sandbox.Limits")
@@ -162,6 +165,7 @@ class AsyncRuntime:
         self._bundle_dir = str(bundle_dir) if bundle_dir is not None else None
         self._slots_alloc: Any = None
         self.gc_freeze = bool(gc_freeze)
+        self.recycle_rss_growth_bytes = recycle_rss_growth_bytes
         # Every process of this runtime carries SANDBOX_INSTANCE=<instance> in its environment,
         # so an operator (or a test) can find them; SANDBOX_INSTANCE_TAG prefixes it.
         tag = os.environ.get("SANDBOX_INSTANCE_TAG", "")
@@ -568,7 +572,7 @@ class AsyncRuntime:
         result = build_result(execution, queue_s=t1 - t0, startup_s=startup_s, cold=cold,
                               on_demand=on_demand, decode=decode)
         keep = (fn if result.outcome is Outcome.OK and not execution.killed and not last
-                else None)
+                and not self._grew(execution) else None)
         pool.release(worker, keep_for=keep)
         if keep is not None:
             worker.limits = limits
@@ -579,6 +583,16 @@ class AsyncRuntime:
         if caller_cancelled and not ticket.cancelled:
             raise asyncio.CancelledError
         return result
+
+    def _grew(self, execution: Execution) -> bool:
+        """Whether a reusable worker's memory grew too much to keep it (a leak would
+        otherwise accumulate across invocations)."""
+        worker = execution.worker
+        terminal = execution.terminal
+        if terminal is None or not worker.ready.done() or worker.ready.exception() is not None:
+            return True
+        born = worker.ready.result().rss_bytes
+        return terminal.rss_bytes - born > self.recycle_rss_growth_bytes
 
     async def invoke(
         self,

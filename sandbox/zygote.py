@@ -160,6 +160,15 @@ def serve(modules_arg: str, parent_pid: int, control_fd: int, options_json: str 
         isolation_config, report = _detect_isolation(options.get("isolation"), netns_fd, sock)
         if not _preload(modules, sock):
             os._exit(0)
+        threads = _linux.thread_count()
+        if threads != 1:
+            # Forking a process with threads copies locks held by threads that do not exist
+            # in the child: refuse the profile rather than fork workers that may deadlock.
+            _send(sock, {"t": "zfailed", "module": ",".join(modules),
+                         "error": f"preloading started {threads - 1} thread(s); a zygote must "
+                                  "stay single-threaded (set the library's thread pool to 0 "
+                                  "or import it in the function instead)", "traceback": ""})
+            os._exit(0)
         gc.collect()
         if options.get("gc_freeze", True):
             gc.freeze()

@@ -594,3 +594,36 @@ def test_without_cgroups_memory_falls_back_to_an_rlimit() -> None:
         assert result.outcome is Outcome.MEMORY_LIMIT
         runtime.register("ok", source="def handler(e, c):\n    return 1\n")
         assert runtime.invoke("ok").result == 1
+
+
+def test_reused_worker_is_recycled_when_its_memory_grows() -> None:
+    with Runtime(min_idle=0, recycle_rss_growth_bytes=32 * MiB) as runtime:
+        runtime.register("leak", reuse=10, source=src("""
+            kept = []
+            def handler(e, c):
+                kept.append(bytearray(e * 1024 * 1024))
+                return len(kept)
+            """))
+        a = runtime.invoke("leak", 1)
+        b = runtime.invoke("leak", 1)
+        assert a.stats.worker_pid == b.stats.worker_pid and b.result == 2
+        c = runtime.invoke("leak", 64)  # grows past the threshold: served, then replaced
+        assert c.outcome is Outcome.OK and c.result == 3
+        d = runtime.invoke("leak", 1)
+        assert d.stats.worker_pid != c.stats.worker_pid and d.result == 1
+
+
+def test_a_profile_that_starts_threads_is_refused(tmp_path: Path) -> None:
+    import sys
+
+    from sandbox import ProfileError
+
+    (tmp_path / "starts_a_thread.py").write_text(
+        "import threading, time\n"
+        "threading.Thread(target=time.sleep, args=(3600,), daemon=True).start()\n")
+    sys.path.insert(0, str(tmp_path))
+    try:
+        with pytest.raises(ProfileError, match="single-threaded"):
+            Runtime(profiles={"threads": ["starts_a_thread"]}, min_idle=0)
+    finally:
+        sys.path.remove(str(tmp_path))

@@ -6,6 +6,7 @@ with the same life cycle::
 
     m = METHODS["ppe-warm"](preload="stdlib")
     m.setup()                      # start pools/servers/zygotes; not timed
+    m.ready()                      # wait until warm (pre-forked workers ready); not timed
     m.call(event)                  # one invocation, blocking; timed by the suite
     m.run_inflight(events, 8)      # many invocations, at most 8 in flight; per-call latencies
     m.call_with_timeout(ev, 0.1)   # -> "OK" | "TIMEOUT" | ...; methods that cannot time out raise
@@ -67,9 +68,19 @@ class Method:
     def setup(self) -> None:
         """Start what the method needs (pools, servers, zygotes). Not timed."""
 
+    def ready(self) -> None:
+        """Wait, untimed, until the method is warm (e.g. its pre-forked workers are ready), so
+        a timed call never includes a fork the method would normally have done ahead of time.
+        Suites call it before each timed sequential call and before each throughput level."""
+
     def call(self, event: dict[str, Any]) -> Any:
         """Run one invocation and return its result."""
         raise NotImplementedError
+
+    def take_on_demand(self) -> int:
+        """Calls served by a worker forked on demand since the last call of this (our methods
+        count them from the result's stats; peers return 0)."""
+        return 0
 
     def submit(self, event: dict[str, Any]) -> concurrent.futures.Future[Any]:
         """Start one invocation; methods with native futures override this for `run_inflight`."""

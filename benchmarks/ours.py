@@ -12,6 +12,12 @@ If `sandbox` is missing or incomplete, `setup` raises and the suite reports the 
 The runtime is driven from its own event-loop thread, so the synchronous suites can time calls
 with `perf_counter_ns` exactly as they do for the peers, and `run_inflight` keeps N calls
 outstanding with asyncio rather than N threads.
+
+`ready()` waits (untimed) until every pool has its `min_idle` warm workers: embedded with the
+runtime's event-driven `wait_warm()`, over gRPC by polling `GetInfo`. The suites call it before
+each timed sequential call, so a prefork measurement never includes a fork on demand by
+accident; calls that were served by a worker forked on demand anyway are counted
+(`take_on_demand`) and reported in the suite's notes.
 """
 
 from __future__ import annotations
@@ -59,6 +65,11 @@ def _check(res: Any) -> Any:
     return res.result
 
 
+def _on_demand(res: Any) -> int:
+    stats = getattr(res, "stats", None)
+    return int(bool(getattr(stats, "forked_on_demand", False)))
+
+
 async def _maybe_await(value: Any) -> Any:
     return await value if inspect.isawaitable(value) else value
 
@@ -70,6 +81,7 @@ class _Embedded(Method):
     idle_freeze_modes: ClassVar[tuple[bool, ...]] = (True, False)
     rt: Any = None
     loop: Any = None
+    on_demand: int = 0
 
     def setup(self) -> None:
         try:
@@ -111,8 +123,17 @@ class _Embedded(Method):
             return self.rt.invoke(FUNCTION, event)
         return self.rt.invoke(FUNCTION, event, limits=limits)
 
+    def ready(self) -> None:
+        self._run(lambda: self.rt.wait_warm(60))
+
+    def take_on_demand(self) -> int:
+        n, self.on_demand = self.on_demand, 0
+        return n
+
     def call(self, event: dict[str, Any]) -> Any:
-        return _check(self._run(lambda: self._invoke(event)))
+        res = self._run(lambda: self._invoke(event))
+        self.on_demand += _on_demand(res)
+        return _check(res)
 
     def call_with_timeout(self, event: dict[str, Any], timeout_s: float) -> str:
         Limits = importlib.import_module("sandbox").Limits
@@ -129,8 +150,10 @@ class _Embedded(Method):
             async def one(i: int, event: dict[str, Any]) -> None:
                 async with slots:
                     t0 = time.perf_counter_ns()
-                    _check(await self._invoke(event))
+                    res = await self._invoke(event)
                     latencies[i] = time.perf_counter_ns() - t0
+                    self.on_demand += _on_demand(res)
+                    _check(res)
 
             await asyncio.gather(*(one(i, e) for i, e in enumerate(events)))
 
@@ -139,22 +162,44 @@ class _Embedded(Method):
 
     @contextlib.contextmanager
     def idle_workers(self, count: int, freeze: bool) -> Iterator[list[int]]:
-        """The runtime's idle pre-forked workers: our grandchildren (the zygote's children)."""
+        """Pre-forked workers after one full gc each, as the peers measure theirs: a reusable
+        function runs `gc.collect()` on `count` workers at once (the runtime keeps them for
+        reuse, alive and idle); their host pids come from the results' stats. Cross-checked
+        against the zygote's children (`info()["pools"][profile]["zygote_pid"]`)."""
         import psutil
 
         if freeze != self.gc_freeze:
             raise Unsupported(f"set up with gc_freeze={freeze}")
-        me = psutil.Process()
-        deadline = time.monotonic() + 10
-        pids: list[int] = []
-        while time.monotonic() < deadline:
-            pids = [c.pid for z in me.children() for c in z.children()]
-            if len(pids) >= count:
-                break
-            time.sleep(0.05)
-        if not pids:
-            raise RuntimeError("no idle worker found under the runtime's zygote")
-        time.sleep(0.2)  # let the newest finish confining itself
+        self._run(
+            lambda: self.rt.register(
+                "collect",
+                source=workload.SOURCE,
+                profile=_profile_name(self.preload, self.modules),
+                reuse=REUSE,
+            )
+        )
+        self.ready()
+
+        async def collect() -> list[Any]:
+            return list(
+                await asyncio.gather(
+                    *(self.rt.invoke("collect", {"op": "collect", "s": 0.3}) for _ in range(count))
+                )
+            )
+
+        results = self._run(collect)
+        for res in results:
+            _check(res)
+        pids = sorted({int(r.stats.worker_pid) for r in results if r.stats.worker_pid})
+        if len(pids) < count:
+            raise RuntimeError(f"wanted {count} distinct workers, got {pids}")
+        info = self.rt.info()["pools"][_profile_name(self.preload, self.modules)]
+        zygote = info.get("zygote_pid")
+        if zygote:
+            children = {c.pid for c in psutil.Process(zygote).children()}
+            missing = set(pids) - children
+            if missing:
+                raise RuntimeError(f"workers {missing} are not children of zygote {zygote}")
         yield pids[:count]
 
     def teardown(self) -> None:
@@ -229,8 +274,7 @@ class _Served(Method):
             raise RuntimeError(f"sandbox.client not importable ({exc})") from exc
         from benchmarks.peers import child_env
 
-        if int(self.options.get("reuse", self.reuse)) != 1:
-            raise Unsupported("deploying with reuse > 1 is not in the gRPC API yet")
+        self.on_demand = 0
         self.state_dir = tempfile.mkdtemp(prefix="sandbox-bench-")
         self.proc = subprocess.Popen(
             serve_argv(self.modules, self.state_dir),
@@ -257,11 +301,60 @@ class _Served(Method):
             raise RuntimeError(f"`sandbox serve` reported no port: {err[-300:]!r}")
         self.client = Client(f"127.0.0.1:{port}")
         self.client.wait_ready(30)
-        self.client.deploy(FUNCTION, workload.SOURCE, preload=self.modules)
+        fn = self.client.deploy(
+            FUNCTION,
+            workload.SOURCE,
+            preload=self.modules,
+            reuse=int(self.options.get("reuse", self.reuse)),
+        )
+        self.profile = fn.profile
         self.call({"op": "echo"})
 
+    def ready(self) -> None:
+        """Poll GetInfo (no event to wait on over the wire) until the pool has its 2 warm
+        workers (`sandbox serve --min-idle` defaults to 2)."""
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            pool = self.client.info()["pools"].get(self.profile, {})
+            if pool.get("idle", 0) >= 2:
+                return
+            time.sleep(0.002)
+        raise RuntimeError("the server's pool did not get warm in 30 s")
+
+    def take_on_demand(self) -> int:
+        n, self.on_demand = self.on_demand, 0
+        return n
+
     def call(self, event: dict[str, Any]) -> Any:
-        return _check(self.client.invoke(FUNCTION, event))
+        res = self.client.invoke(FUNCTION, event)
+        self.on_demand += _on_demand(res)
+        return _check(res)
+
+    def submit(self, event: dict[str, Any]) -> Any:
+        """A future per call (grpc's own `.future`), so `run_inflight` needs no threads."""
+        import concurrent.futures
+
+        from sandbox.client import encode
+
+        stub = self.client.stub
+        pb = importlib.import_module("sandbox._proto.sandbox.v1.sandbox_pb2")
+        fut: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        call = stub.Invoke.future(pb.InvokeRequest(function=FUNCTION, payload=encode(event)))
+
+        def done(c: Any) -> None:
+            try:
+                msg = c.result()
+            except Exception as exc:
+                fut.set_exception(exc)
+                return
+            if msg.outcome != pb.OUTCOME_OK:
+                fut.set_exception(RuntimeError(f"invocation ended {msg.outcome}"))
+                return
+            self.on_demand += int(msg.stats.forked_on_demand)
+            fut.set_result(msg.payload)
+
+        call.add_done_callback(done)
+        return fut
 
     def teardown(self) -> None:
         client = getattr(self, "client", None)
@@ -303,7 +396,11 @@ class SandboxGrpcStream(_Served):
         from sandbox.client import Invocation
 
         (res,) = self.client.invoke_many([Invocation(FUNCTION, event, id="0")])
+        self.on_demand += _on_demand(res)
         return _check(res)
+
+    def submit(self, event: dict[str, Any]) -> Any:
+        raise Unsupported("one InvokeMany stream carries the calls (run_inflight)")
 
     def run_inflight(self, events: Sequence[dict[str, Any]], inflight: int) -> list[int]:
         """One `InvokeMany` stream with exactly `inflight` invocations outstanding: the request
@@ -324,6 +421,7 @@ class SandboxGrpcStream(_Served):
             t = time.perf_counter_ns()
             if not hasattr(res, "outcome"):  # InvocationRejected
                 raise res.exception()
+            self.on_demand += _on_demand(res)
             _check(res)
             latencies.append(t - sent[res.id])
             slots.release()

@@ -26,7 +26,15 @@ import traceback
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from benchmarks.core import METHODS, PRELOADS, Method, SuiteResult, Unsupported, summarize
+from benchmarks.core import (
+    METHODS,
+    PRELOADS,
+    Method,
+    SuiteResult,
+    Unsupported,
+    percentile,
+    summarize,
+)
 from benchmarks.workload import PROFILES
 
 
@@ -87,15 +95,28 @@ def _guard(res: SuiteResult, scenario: str, m: Method, fn: Callable[[], None]) -
 def _sequential(
     m: Method, event: dict[str, Any], n: int, gap_s: float = 0.0
 ) -> tuple[list[int], int]:
+    """`n` calls one after the other; before each, untimed, `m.ready()` (our pools get their
+    pre-forked workers back) and the idle gap. Returns (latencies, wall time of the calls
+    alone: the sum of the latencies when anything was waited for between them)."""
     lat = []
-    wall0 = time.perf_counter_ns()
     for _ in range(n):
+        m.ready()
         if gap_s:
             time.sleep(gap_s)
         t0 = time.perf_counter_ns()
         m.call(event)
         lat.append(time.perf_counter_ns() - t0)
-    return lat, time.perf_counter_ns() - wall0
+    return lat, sum(lat)
+
+
+def _note_on_demand(res: SuiteResult, m: Method, scenario: str, n: int) -> None:
+    """Say when calls of a pre-forking method were served by a worker forked on demand."""
+    k = m.take_on_demand()
+    if k and m.name not in FORKING:
+        res.notes.append(
+            f"{m.name} [{m.preload}] {scenario}: {k} of {n} calls were served by a worker "
+            "forked on demand"
+        )
 
 
 def _selected(cfg: Config, names: list[str]) -> list[str]:
@@ -137,7 +158,9 @@ def coldstart(cfg: Config) -> list[Unit]:
                     def measure() -> None:
                         if name not in SLOW:
                             m.call(event)  # warm-up (first-use effects in a warm worker)
+                        m.take_on_demand()
                         lat, _ = _sequential(m, event, n)
+                        _note_on_demand(res, m, scenario, n)
                         res.rows.append(summarize(scenario, name, preload, lat))
 
                     _guard(res, scenario, m, measure)
@@ -148,35 +171,91 @@ def coldstart(cfg: Config) -> list[Unit]:
 
 # --- latency ---------------------------------------------------------------------------------
 
-LATENCY_METHODS = [
-    "ppe-warm", "pebble-warm", "grpc-echo", "grpc-echo-stream",
-    "sandbox-prefork", "sandbox-reuse", "sandbox-fork", "sandbox-grpc-unary", "sandbox-grpc-stream",
-]  # fmt: skip
+#: invocations a worker serves in the `reuse` rows of the gRPC methods
+GRPC_REUSE = 1_000_000
+#: (row label, method, options)
+LATENCY_METHODS: list[tuple[str, str, dict[str, Any]]] = [
+    ("ppe-warm", "ppe-warm", {}),
+    ("pebble-warm", "pebble-warm", {}),
+    ("grpc-echo", "grpc-echo", {}),
+    ("grpc-echo-stream", "grpc-echo-stream", {}),
+    ("sandbox-prefork", "sandbox-prefork", {}),
+    ("sandbox-reuse", "sandbox-reuse", {}),
+    ("sandbox-fork", "sandbox-fork", {}),
+    ("sandbox-grpc-unary", "sandbox-grpc-unary", {}),
+    ("sandbox-grpc-stream", "sandbox-grpc-stream", {}),
+    ("sandbox-grpc-unary-reuse", "sandbox-grpc-unary", {"reuse": GRPC_REUSE}),
+    ("sandbox-grpc-stream-reuse", "sandbox-grpc-stream", {"reuse": GRPC_REUSE}),
+]
 IDLE_GAP_S = 0.05
+IDLE_GAP = f"idle-gap-{IDLE_GAP_S * 1000:.0f}ms"
 
 
 def latency(cfg: Config) -> list[Unit]:
+    """Rounds: every method once per round (set up, measured, torn down), the rounds one after
+    the other, so slow drifts of the machine hit every method alike. The rows pool every
+    round's samples; the notes give each round's p50 and its ratio to ppe-warm's."""
+    rounds = cfg.n(1, 3)
+    chosen = [(label, name, opts) for label, name, opts in LATENCY_METHODS
+              if name in _selected(cfg, [name])]  # fmt: skip
+    samples: dict[tuple[str, str], list[list[int]]] = {}
+    failed: set[str] = set()
     units = []
-    for name in _selected(cfg, LATENCY_METHODS):
+    for r in range(rounds):
+        for label, name, options in chosen:
 
-        def run(res: SuiteResult, name: str = name) -> None:
-            event = {"op": "echo", "payload": "x" * 32}
-            with method(res, name, "none") as m:
-                if m is None:
+            def run(
+                res: SuiteResult, label: str = label, name: str = name, options: Any = options
+            ) -> None:
+                if label in failed:
                     return
+                event = {"op": "echo", "payload": "x" * 32}
+                before = len(res.unavailable)
+                with method(res, name, "none", **options) as m:
+                    if m is None:
+                        failed.add(label)
+                        return
 
-                def measure() -> None:
-                    m.call(event)
-                    lat, wall = _sequential(m, event, cfg.n(100, 2000))
-                    res.rows.append(summarize("back-to-back", name, "none", lat, wall_ns=wall))
-                    lat, _ = _sequential(m, event, cfg.n(10, 100), gap_s=IDLE_GAP_S)
-                    res.rows.append(
-                        summarize(f"idle-gap-{IDLE_GAP_S * 1000:.0f}ms", name, "none", lat)
-                    )
+                    def measure() -> None:
+                        m.call(event)
+                        m.take_on_demand()
+                        n = cfg.n(100, 700)
+                        lat, _ = _sequential(m, event, n)
+                        _note_on_demand(res, m, f"back-to-back ({label})", n)
+                        samples.setdefault(("back-to-back", label), []).append(lat)
+                        n = cfg.n(10, 40)
+                        lat, _ = _sequential(m, event, n, gap_s=IDLE_GAP_S)
+                        _note_on_demand(res, m, f"{IDLE_GAP} ({label})", n)
+                        samples.setdefault((IDLE_GAP, label), []).append(lat)
 
-                _guard(res, "*", m, measure)
+                    _guard(res, "*", m, measure)
+                if len(res.unavailable) > before:
+                    failed.add(label)
 
-        units.append(Unit(f"latency {name}", run))
+            units.append(Unit(f"latency {label} (round {r + 1}/{rounds})", run))
+
+    def finish(res: SuiteResult) -> None:
+        for scenario in ("back-to-back", IDLE_GAP):
+            base = samples.get((scenario, "ppe-warm"), [])
+            for label, _, _ in chosen:
+                per_round = samples.get((scenario, label))
+                if not per_round:
+                    continue
+                pooled = [x for lat in per_round for x in lat]
+                res.rows.append(summarize(scenario, label, "none", pooled, wall_ns=sum(pooled)))
+                p50s = [percentile(sorted(lat), 50) / 1e6 for lat in per_round]
+                text = f"{label} {scenario}: p50 per round " + ", ".join(f"{p:.3g}" for p in p50s)
+                if label != "ppe-warm" and len(base) == len(per_round):
+                    ratios = [
+                        p / (percentile(sorted(b), 50) / 1e6) for p, b in zip(p50s, base)
+                    ]
+                    text += " ms; / ppe-warm per round " + ", ".join(f"{x:.3g}×" for x in ratios)
+                    text += f" (median {statistics.median(ratios):.3g}×)"
+                else:
+                    text += " ms"
+                res.notes.append(text)
+
+    units.append(Unit("latency (summary)", finish))
     return units
 
 
@@ -219,6 +298,8 @@ def throughput(cfg: Config) -> list[Unit]:
                     total = max(cfg.n(2, 20) * k, cfg.n(24, 500))
 
                     def measure(k: int = k, total: int = total, scenario: str = scenario) -> None:
+                        m.ready()
+                        m.take_on_demand()
                         t0 = time.perf_counter_ns()
                         lat = m.run_inflight([event] * total, k)
                         wall = time.perf_counter_ns() - t0
@@ -255,6 +336,7 @@ def timeouts(cfg: Config) -> list[Unit]:
                 def measure() -> None:
                     to_outcome, to_next = [], []
                     for _ in range(cfg.n(3, 20)):
+                        m.ready()
                         t0 = time.perf_counter_ns()
                         outcome = m.call_with_timeout({"op": "hang"}, TIMEOUT_S)
                         t1 = time.perf_counter_ns()
@@ -416,6 +498,7 @@ def paper(cfg: Config) -> list[Unit]:
                 ("subprocess-fresh", cfg.n(3, 10)),
                 ("zygote-fork", cfg.n(8, 40)),
                 ("sandbox-fork", cfg.n(8, 40)),
+                ("sandbox-prefork", cfg.n(8, 40)),
             ):
                 if cfg.only is not None and name not in cfg.only:
                     continue

@@ -10,6 +10,7 @@ Events (dicts, JSON- and msgpack-encodable):
     {"op": "use", "modules": [...]}         imports the modules (free when preloaded) and uses them
     {"op": "sleep", "s": 0.5}               sleeps, returns None
     {"op": "hang"}                          never returns (a busy loop, so it holds the GIL)
+    {"op": "collect", "s": 0.2}             a full gc (dirties what it touches), then sleeps
 """
 
 from __future__ import annotations
@@ -55,6 +56,11 @@ def handler(event, context=None):
         return {"modules": len(mods), "used": used}
     if op == "sleep":
         import time
+        time.sleep(event.get("s", 0.0))
+        return None
+    if op == "collect":
+        import gc, time
+        gc.collect()
         time.sleep(event.get("s", 0.0))
         return None
     if op == "hang":

@@ -105,6 +105,8 @@ class ZygoteHandle:
         self._proc: subprocess.Popen[bytes] | None = None
         self._pidfd: int | None = None
         self._started: asyncio.Future[None] = self._loop.create_future()
+        #: done once the zygote process has exited and been reaped
+        self.reaped: asyncio.Future[None] = self._loop.create_future()
         self._pending: dict[int, asyncio.Future[tuple[int, int]]] = {}
         self._tokens = itertools.count(1)
         #: pid -> callback(status, cpu_s, maxrss_bytes) for the workers it forked
@@ -202,6 +204,16 @@ class ZygoteHandle:
     def _on_exit(self) -> None:
         self._dead("zygote process exited")
 
+    def _reap(self) -> None:
+        if self._pidfd is not None:
+            self._loop.remove_reader(self._pidfd)
+            os.close(self._pidfd)
+            self._pidfd = None
+        if self._proc is not None:
+            self._proc.poll()  # exited: the pidfd is readable
+        if not self.reaped.done():
+            self.reaped.set_result(None)
+
     def _dead(self, why: str) -> None:
         if not self.alive:
             return
@@ -212,15 +224,11 @@ class ZygoteHandle:
             self._sock.close()
             self._sock = None
         if self._pidfd is not None:
-            self._loop.remove_reader(self._pidfd)
             with contextlib.suppress(ProcessLookupError):
                 signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
-        if self._proc is not None:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self._proc.wait(timeout=5)
-        if self._pidfd is not None:
-            os.close(self._pidfd)
-            self._pidfd = None
+            # Reap it when the kernel says it is gone (never block the loop on a child).
+            self._loop.remove_reader(self._pidfd)
+            self._loop.add_reader(self._pidfd, self._reap)
         exc = WorkerStartError(f"zygote {self.profile!r} died ({why})")
         if not self._started.done():
             self._started.set_exception(ProfileError(
@@ -1069,8 +1077,10 @@ class Pool:
         for worker in workers:
             self.discard(worker)
         if self.zygote is not None:
-            self.zygote.close()
-            self.zygote = None
+            zyg, self.zygote = self.zygote, None
+            zyg.close()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(zyg.reaped), DEATH_TIMEOUT_S)
         if self._refill_tasks:
             await asyncio.wait(list(self._refill_tasks), timeout=DEATH_TIMEOUT_S)
 

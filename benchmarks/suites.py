@@ -304,6 +304,7 @@ def throughput(cfg: Config) -> list[Unit]:
                         lat = m.run_inflight([event] * total, k)
                         wall = time.perf_counter_ns() - t0
                         res.rows.append(summarize(scenario, name, "none", lat, wall_ns=wall))
+                        _note_on_demand(res, m, scenario, total)
 
                     _guard(res, scenario, m, measure)
 

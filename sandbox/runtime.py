@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -87,6 +88,19 @@ class _Ticket:
             self.execution.cancel()
         elif self.task is not None:
             self.task.cancel()  # still queued or starting: _execute answers CANCELLED
+
+
+@dataclasses.dataclass(slots=True)
+class _Call:
+    """An admitted invocation, before it runs."""
+
+    fn: FunctionInfo
+    data: bytes
+    content_type: str
+    limits: Limits
+    deadline: float | None
+    id: str
+    ticket: _Ticket
 
 
 class AsyncRuntime:
@@ -501,16 +515,24 @@ class AsyncRuntime:
         effective = resolve(limits, fn.limits, self.limits, self.max_limits)
         return fn, data, effective
 
+    def _begin(self, name: str, event: Any, version: int | None, limits: Limits | None,
+               payload: bytes | None, content_type: str, deadline: float | None,
+               invocation_id: str | None) -> _Call:
+        """Validate a call and admit it (or raise); nothing runs yet."""
+        fn, data, effective = self._prepare(name, event, version, limits, payload, content_type)
+        self._admit()
+        return _Call(fn, data, content_type, effective, deadline,
+                     invocation_id or uuid.uuid4().hex, _Ticket())
+
     def _admit(self) -> None:
         assert self._slots is not None
         if self._slots.locked() and self._queued >= self.max_queue:
             raise Overloaded(f"{self._queued} invocations are queued (max_queue="
                              f"{self.max_queue}); try again later")
 
-    async def _execute(self, fn: FunctionInfo, data: bytes, content_type: str, limits: Limits,
-                       deadline: float | None, invocation_id: str, ticket: _Ticket,
-                       chunk_sink: Any = None) -> InvocationResult:
+    async def _execute(self, call: _Call, chunk_sink: Any = None) -> InvocationResult:
         assert self._slots is not None
+        ticket, invocation_id = call.ticket, call.id
         t0 = time.monotonic()
         self._inflight.add(ticket)
         try:
@@ -525,17 +547,16 @@ class AsyncRuntime:
                 self._queued -= 1
             self._running += 1
             try:
-                return await self._run(fn, data, content_type, limits, deadline, invocation_id,
-                                       ticket, chunk_sink, t0)
+                return await self._run(call, chunk_sink, t0)
             finally:
                 self._running -= 1
                 self._slots.release()
         finally:
             self._inflight.discard(ticket)
 
-    async def _run(self, fn: FunctionInfo, data: bytes, content_type: str, limits: Limits,
-                   deadline: float | None, invocation_id: str, ticket: _Ticket, chunk_sink: Any,
-                   t0: float) -> InvocationResult:
+    async def _run(self, call: _Call, chunk_sink: Any, t0: float) -> InvocationResult:
+        fn, limits, ticket, invocation_id = call.fn, call.limits, call.ticket, call.id
+        content_type, deadline = call.content_type, call.deadline
         t1 = time.monotonic()
         pool = self._pools.get(fn.profile)
         if pool is None:
@@ -552,7 +573,7 @@ class AsyncRuntime:
             left = max(0.001, deadline - time.monotonic())
             timeout = left if timeout is None else min(timeout, left)
         last = worker.served + 1 >= fn.reuse
-        execution = Execution(worker, fn, invocation_id, data, content_type, limits, timeout,
+        execution = Execution(worker, fn, invocation_id, call.data, content_type, limits, timeout,
                               last, chunk_sink)
         ticket.execution = execution
         if ticket.cancelled:
@@ -625,11 +646,8 @@ class AsyncRuntime:
             FunctionNotFound, InvalidRequest, Overloaded, ShuttingDown: problems of the call.
             asyncio.CancelledError: the awaiting task was cancelled (its worker is killed).
         """
-        fn, data, effective = self._prepare(name, event, version, limits, payload, content_type)
-        self._admit()
-        ticket = _Ticket()
-        return await self._execute(fn, data, content_type, effective, deadline,
-                                   id or uuid.uuid4().hex, ticket)
+        call = self._begin(name, event, version, limits, payload, content_type, deadline, id)
+        return await self._execute(call)
 
     def submit(
         self,
@@ -647,14 +665,10 @@ class AsyncRuntime:
 
         Raises at once (not when awaited) for problems of the call, like :meth:`invoke`.
         """
-        fn, data, effective = self._prepare(name, event, version, limits, payload, content_type)
-        self._admit()
-        ticket = _Ticket()
-        invocation_id = id or uuid.uuid4().hex
-        task = asyncio.ensure_future(self._execute(fn, data, content_type, effective, deadline,
-                                                   invocation_id, ticket))
-        ticket.task = task
-        return AsyncInvocation(invocation_id, ticket, task)
+        call = self._begin(name, event, version, limits, payload, content_type, deadline, id)
+        task = asyncio.ensure_future(self._execute(call))
+        call.ticket.task = task
+        return AsyncInvocation(call.id, call.ticket, task)
 
     def stream(
         self,
@@ -676,14 +690,10 @@ class AsyncRuntime:
         consumer slows the function down (the channel is not read while
         ``STREAM_BUFFER_CHUNKS`` chunks wait), so nothing is buffered without bound.
         """
-        fn, data, effective = self._prepare(name, event, version, limits, payload, content_type)
-        self._admit()
-        ticket = _Ticket()
-        invocation_id = id or uuid.uuid4().hex
-        stream = InvocationStream(invocation_id, ticket, _decoder(content_type, effective), raw)
-        task = asyncio.ensure_future(self._execute(fn, data, content_type, effective, deadline,
-                                                   invocation_id, ticket, stream._on_chunk))
-        ticket.task = task
+        call = self._begin(name, event, version, limits, payload, content_type, deadline, id)
+        stream = InvocationStream(call.id, call.ticket, _decoder(content_type, call.limits), raw)
+        task = asyncio.ensure_future(self._execute(call, stream._on_chunk))
+        call.ticket.task = task
         stream._task = task
         task.add_done_callback(lambda _: stream._wake())
         return stream

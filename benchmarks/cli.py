@@ -87,7 +87,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 res = SuiteResult(name)
                 for unit in units:
                     bar.set_description(unit.label[:60])
+                    t0 = time.monotonic()
                     unit.run(res)
+                    res.timings[unit.label] = round(time.monotonic() - t0, 2)
                     bar.update()
                 written += report.write(res, machine, args.out)
         finally:

@@ -255,6 +255,8 @@ class SuiteResult:
     #: (scenario, method, preload, reason) for methods that could not run
     unavailable: list[tuple[str, str, str, str]] = dataclasses.field(default_factory=list)
     notes: list[str] = dataclasses.field(default_factory=list)
+    #: seconds each unit took (set up, measured, torn down), by unit label
+    timings: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 # --- machine information ---------------------------------------------------------------------

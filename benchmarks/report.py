@@ -97,6 +97,7 @@ def to_json(res: SuiteResult, machine: dict[str, Any]) -> dict[str, Any]:
             for s, m, p, why in res.unavailable
         ],
         "notes": res.notes,
+        "unit_seconds": res.timings,
     }
 
 
@@ -136,11 +137,25 @@ def _fmt(value: float | None, unit: float = 1.0) -> str:
     return f"{v:.3g}" if abs(v) < 1000 else f"{v:,.0f}"
 
 
+#: how every suite measures (stated in each table's file)
+RULES = (
+    "How to read it: every ratio compares rows of this same run, never numbers from different "
+    "runs or machines; p50 is the median of all samples (p99 nearest-rank), and the latency "
+    "suite runs every method in several rounds one after the other and gives each round's "
+    "ratio in the notes. Machines are noisy (other work, frequency scaling, a shared 2-vCPU "
+    "VM): trust ratios and medians, not single numbers. Our pre-forking methods wait, untimed, "
+    "until their pool has its warm workers before each timed sequential call (`wait_warm()`), "
+    "so a latency never includes a fork on demand by accident; calls that still were served by "
+    "a worker forked on demand are counted in the notes."
+)
+
+
 def to_markdown(res: SuiteResult, machine: dict[str, Any]) -> str:
     base = BASELINES.get(res.suite)
     head = f"# `{res.suite}`\n\n"
     if base is not None:
         head += base.about + "\n\n"
+    head += RULES + "\n\n"
     head += (
         f"Machine: {machine.get('cpu_count')} CPUs ({machine.get('cpu_model') or 'unknown'}), "
         f"Python {machine.get('python')}, Linux {machine.get('kernel')}, "
@@ -164,6 +179,10 @@ def to_markdown(res: SuiteResult, machine: dict[str, Any]) -> str:
             f"{_fmt(r.rss_bytes, 2**20)} | {ratio(res, r)} |"
         )
     text = head + "\n".join(lines) + "\n"
+    if res.notes:
+        text += "\n## Notes\n\n" + "".join(
+            "- " + note.strip().replace("\n", "\n  ") + "\n" for note in res.notes
+        )
     if res.unavailable:
         text += "\n## Unavailable\n\n" + "".join(
             f"- `{m}` [{p}] {s}: unavailable: {why}\n" for s, m, p, why in res.unavailable

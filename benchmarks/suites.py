@@ -219,11 +219,11 @@ def latency(cfg: Config) -> list[Unit]:
                     def measure() -> None:
                         m.call(event)
                         m.take_on_demand()
-                        n = cfg.n(100, 700)
+                        n = cfg.n(60, 700)
                         lat, _ = _sequential(m, event, n)
                         _note_on_demand(res, m, f"back-to-back ({label})", n)
                         samples.setdefault(("back-to-back", label), []).append(lat)
-                        n = cfg.n(10, 40)
+                        n = cfg.n(6, 40)
                         lat, _ = _sequential(m, event, n, gap_s=IDLE_GAP_S)
                         _note_on_demand(res, m, f"{IDLE_GAP} ({label})", n)
                         samples.setdefault((IDLE_GAP, label), []).append(lat)
@@ -247,7 +247,8 @@ def latency(cfg: Config) -> list[Unit]:
                 text = f"{label} {scenario}: p50 per round " + ", ".join(f"{p:.3g}" for p in p50s)
                 if label != "ppe-warm" and len(base) == len(per_round):
                     ratios = [
-                        p / (percentile(sorted(b), 50) / 1e6) for p, b in zip(p50s, base)
+                        p / (percentile(sorted(b), 50) / 1e6)
+                        for p, b in zip(p50s, base, strict=True)
                     ]
                     text += " ms; / ppe-warm per round " + ", ".join(f"{x:.3g}×" for x in ratios)
                     text += f" (median {statistics.median(ratios):.3g}×)"
@@ -408,7 +409,7 @@ def _queued_in_child(name: str) -> tuple[int, int, int]:
 def memory(cfg: Config) -> list[Unit]:
     units = []
     for name in _selected(cfg, MEMORY_METHODS):
-        for preload in PRELOADS:
+        for preload in PRELOADS if not cfg.quick else ("none", "heavy"):
             for freeze in METHODS[name].idle_freeze_modes:
                 scenario = "idle-worker-gc-freeze" if freeze else "idle-worker"
 
@@ -490,7 +491,7 @@ def paper_packages(n: int) -> list[tuple[str, str]]:
 
 def paper(cfg: Config) -> list[Unit]:
     units = []
-    for dist, module in paper_packages(cfg.n(4, 15)):
+    for dist, module in paper_packages(cfg.n(3, 15)):
 
         def run(res: SuiteResult, module: str = module) -> None:
             scenario = f"import {module}"

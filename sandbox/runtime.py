@@ -39,10 +39,12 @@ from sandbox.errors import (
     ProtocolError,
     ShuttingDown,
 )
+from sandbox.execution import Execution, build_result
 from sandbox.functions import FunctionInfo, make_function
+from sandbox.handles import STREAM_BUFFER_CHUNKS
 from sandbox.limits import DEFAULT_LIMITS, Limits, resolve
 from sandbox.outcome import ErrorInfo, InvocationResult, Outcome, Stats
-from sandbox.pool import STREAM_BUFFER_CHUNKS, Execution, Pool, build_result
+from sandbox.pool import Pool
 
 __all__ = ["AsyncInvocation", "AsyncRuntime", "Invocation", "InvocationStream", "Runtime",
            "StreamIterator"]

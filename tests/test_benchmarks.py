@@ -128,3 +128,45 @@ def test_markdown_ratio_against_baseline() -> None:
     ]
     md = report.to_markdown(res, {"cpu_count": 2})
     assert "| 0.5× |" in md and "p50 / ppe-warm" in md
+
+
+def test_ours_measured(quick_run: tuple[Path, subprocess.CompletedProcess[str]]) -> None:
+    """Our methods run in every suite that uses them, gRPC reuse rows included."""
+    out, _ = quick_run
+    for suite, wanted in {
+        "coldstart": {"sandbox-fork", "sandbox-prefork", "sandbox-reuse", "sandbox-grpc-unary"},
+        "latency": {"sandbox-prefork", "sandbox-reuse", "sandbox-grpc-unary-reuse"},
+        "timeouts": {"sandbox-prefork", "sandbox-fork", "sandbox-reuse"},
+        "memory": {"sandbox-prefork"},
+        "paper": {"sandbox-fork", "sandbox-prefork"},
+    }.items():
+        data = json.loads((out / f"{suite}.json").read_text())
+        assert wanted <= {r["method"] for r in data["results"]}, (suite, data["unavailable"])
+    throughput = json.loads((out / "throughput.json").read_text())
+    measured = {(r["method"], r["scenario"].split()[0]) for r in throughput["results"]}
+    for name in ("sandbox-grpc-unary", "sandbox-grpc-stream"):
+        assert {(name, "isolated"), (name, "reuse")} <= measured, throughput["unavailable"]
+    memory = json.loads((out / "memory.json").read_text())["results"]
+    scenarios = {r["scenario"] for r in memory if r["method"] == "sandbox-prefork"}
+    assert {"idle-worker", "idle-worker-gc-freeze"} <= scenarios
+
+
+def test_headline_ratios(tmp_path: Path) -> None:
+    from benchmarks import headline
+
+    def rows(*items: tuple[str, str, str, float]) -> dict[str, object]:
+        return {"results": [
+            {"scenario": s, "method": m, "preload": p, "p50_ms": v, "throughput_per_s": None}
+            for s, m, p, v in items
+        ]}  # fmt: skip
+
+    (tmp_path / "latency.json").write_text(json.dumps(rows(
+        ("back-to-back", "ppe-warm", "none", 0.2), ("back-to-back", "sandbox-prefork", "none", 0.4),
+    )))  # fmt: skip
+    (tmp_path / "timeouts.json").write_text(json.dumps(rows(
+        ("deadline-to-outcome", "pebble-warm", "none", 100.0),
+        ("deadline-to-outcome", "sandbox-prefork", "none", 4.0),
+    )))  # fmt: skip
+    text = headline.to_markdown(tmp_path)
+    assert "| 0.4 ms | 0.2 ms | 2× | ≤ 1×: missed by 2.00× |" in text
+    assert "| 4 ms | 100 ms | 0.04× | < 10 ms: met |" in text

@@ -57,9 +57,9 @@ PRELUDE = textwrap.dedent('''
 ''').lstrip()
 
 
-def src(text: str) -> str:
-    """A hostile function's source: the prelude, then ``text`` dedented."""
-    return PRELUDE + "\n" + textwrap.dedent(text).lstrip()
+def src(*parts: str) -> str:
+    """A hostile function's source: the prelude, then each part dedented."""
+    return PRELUDE + "".join("\n" + textwrap.dedent(part).lstrip() for part in parts)
 
 
 def pids_named(name: str) -> list[int]:

@@ -133,23 +133,28 @@ class FrameDecoder:
         Raises:
             FrameTooLarge: a header announces more than ``cap`` bytes.
         """
-        self._buf += data
+        buf = self._buf
+        buf += data
         out: list[bytes] = []
+        pos, end = 0, len(buf)
         while True:
             if self._need is None:
-                if len(self._buf) < HEADER.size:
-                    return out
-                (length,) = HEADER.unpack_from(self._buf)
+                if end - pos < HEADER.size:
+                    break
+                (length,) = HEADER.unpack_from(buf, pos)
                 if length > self.cap:
                     raise FrameTooLarge(
                         f"frame of {length} bytes announced, cap is {self.cap} bytes")
                 self._need = length
-                del self._buf[: HEADER.size]
-            if len(self._buf) < self._need:
-                return out
-            out.append(bytes(self._buf[: self._need]))
-            del self._buf[: self._need]
+                pos += HEADER.size
+            if end - pos < self._need:
+                break
+            out.append(bytes(buf[pos:pos + self._need]))
+            pos += self._need
             self._need = None
+        if pos:
+            del buf[:pos]  # once per feed: many small frames cost no repeated copying
+        return out
 
     @property
     def mid_frame(self) -> bool:

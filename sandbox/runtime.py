@@ -75,12 +75,14 @@ def _check_modules(name: str, modules: Sequence[str]) -> tuple[str, ...]:
 class _Ticket:
     """One invocation's handle inside the runtime: lets a caller cancel it at any stage."""
 
-    __slots__ = ("cancelled", "execution", "task")
+    __slots__ = ("cancelled", "execution", "started", "task")
 
     def __init__(self) -> None:
         self.cancelled = False
         self.execution: Execution | None = None
         self.task: asyncio.Task[InvocationResult] | None = None
+        #: set once the invocation is on a worker (or will never be)
+        self.started = asyncio.Event()
 
     def cancel(self) -> None:
         if self.cancelled:
@@ -554,6 +556,7 @@ class AsyncRuntime:
                 self._running -= 1
                 self._slots.release()
         finally:
+            ticket.started.set()
             self._inflight.discard(ticket)
 
     async def _run(self, call: _Call, chunk_sink: Any, t0: float) -> InvocationResult:
@@ -578,6 +581,7 @@ class AsyncRuntime:
         execution = Execution(worker, fn, invocation_id, call.data, content_type, limits, timeout,
                               last, chunk_sink)
         ticket.execution = execution
+        ticket.started.set()
         if ticket.cancelled:
             execution.cancelled = True
         run = asyncio.ensure_future(execution.run())
@@ -830,6 +834,16 @@ class AsyncInvocation:
 
     def done(self) -> bool:
         return self._task.done()
+
+    async def running(self) -> None:
+        """Wait until the invocation has left the queue and is on a worker (or has ended)."""
+        await self._ticket.started.wait()
+
+    @property
+    def worker_pid(self) -> int | None:
+        """The pid of the worker running it, once it runs."""
+        execution = self._ticket.execution
+        return None if execution is None else execution.worker.pid
 
     def __await__(self) -> Any:
         return self._task.__await__()

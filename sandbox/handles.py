@@ -282,7 +282,7 @@ class _Capture:
 
     def __init__(self) -> None:
         self.buf = bytearray()
-        self.cap = 0
+        self.cap = 64 * 1024  # before the first invocation: what a failed birth printed
         self.dropped = 0
 
     def reset(self, cap: int | None) -> None:

@@ -15,6 +15,7 @@ plain program gets the same behaviour through blocking calls. Zygotes are starte
 from __future__ import annotations
 
 import asyncio
+import atexit
 import concurrent.futures
 import contextlib
 import dataclasses
@@ -25,6 +26,7 @@ import sys
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -970,6 +972,18 @@ class StreamIterator(Iterator[Any]):
         self._runtime._loop.call_soon_threadsafe(self._stream.cancel)
 
 
+#: Sync runtimes not closed yet: closed at interpreter exit, so a program that forgets to
+#: close one still leaves no process and no cgroup behind.
+_open_runtimes: weakref.WeakSet[Runtime] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_runtimes() -> None:
+    for runtime in list(_open_runtimes):
+        with contextlib.suppress(Exception):
+            runtime.close(grace_s=0)
+
+
 class Runtime:
     """The sandbox runtime for ordinary (blocking) programs; same arguments as
     :class:`AsyncRuntime`. Starts at construction; use it as a context manager or call
@@ -1010,6 +1024,7 @@ class Runtime:
         except BaseException:
             self._stop_loop()
             raise
+        _open_runtimes.add(self)
 
     def _call(self, coro: Any, timeout: float | None = None) -> Any:
         if self._loop.is_closed():
@@ -1102,6 +1117,7 @@ class Runtime:
         if self._closed:
             return
         self._closed = True
+        _open_runtimes.discard(self)
         try:
             self._call(self._rt.aclose(grace_s))
         finally:

@@ -205,9 +205,17 @@ def to_png(res: SuiteResult, path: Path) -> None:
             series.setdefault(f"{r.method} ({mode})", []).append(
                 (int(inflight.split("=")[1]), r.throughput_per_s or 0.0)
             )
-        for label, pts in series.items():
+        colors = plt.get_cmap("tab20").colors
+        for i, (label, pts) in enumerate(series.items()):
             pts.sort()
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+            ax.plot(
+                [p[0] for p in pts],
+                [p[1] for p in pts],
+                marker="o",
+                label=label,
+                color=colors[(2 * i) % 20 if i < 10 else (2 * i + 1) % 20],
+                linestyle="-" if label.startswith("sandbox") else "--",
+            )
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("calls in flight")
@@ -248,9 +256,10 @@ def to_png(res: SuiteResult, path: Path) -> None:
         ax.set_yticks(range(len(rows)))
         ax.set_yticklabels(labels, fontsize=7)
         ax.invert_yaxis()
-        ax.set_xscale("log")
+        if not memory:  # memory spans one decade: linear reads better
+            ax.set_xscale("log")
         ax.set_xlabel(
-            "MiB (USS; RSS for the supervisor rows), log"
+            "MiB (USS; RSS for the supervisor rows)"
             if memory
             else "p50 ms (bar) to p99 (whisker), log"
         )

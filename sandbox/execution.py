@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from sandbox import protocol
 from sandbox.errors import ProtocolError
 from sandbox.handles import DEATH_TIMEOUT_S, STATUS_TIMEOUT_S, WorkerHandle
-from sandbox.limits import Limits, format_size
+from sandbox.limits import Limits, format_size, wire_dict
 from sandbox.outcome import ErrorInfo, InvocationResult, Outcome, Stats
 
 if TYPE_CHECKING:
@@ -178,7 +178,7 @@ class Execution:
         worker.served += 1
         message = {
             "t": "invoke", "id": self.id, "fn": self.fn.descriptor(), "event": self.event,
-            "ct": self.content_type, "limits": self.limits.to_dict(), "timeout": self.timeout_s,
+            "ct": self.content_type, "limits": wire_dict(self.limits), "timeout": self.timeout_s,
             "last": self.last,
         }
         self.started = _monotonic()
@@ -195,6 +195,12 @@ class Execution:
         finally:
             for timer in self._timers:
                 timer.cancel()
+        await self.settle()
+
+    async def settle(self) -> None:
+        """After the outcome is decided: if the worker was killed or died, wait (bounded) until
+        the kernel reports the death and the zygote its status. Idempotent."""
+        worker = self.worker
         if self.killed or self.terminal is None:
             # Make sure the whole tree is gone before the outcome is reported.
             worker.kill()

@@ -18,9 +18,14 @@ worker does the loading, so nothing of the function runs in the supervisor.
 
 from __future__ import annotations
 
+import compileall
+import contextlib
 import dataclasses
+import functools
 import hashlib
+import marshal
 import os
+import py_compile
 import re
 import shutil
 import tempfile
@@ -66,6 +71,8 @@ class FunctionInfo:
     reuse: int
     path: str | None = None
     source: str | None = dataclasses.field(default=None, repr=False)
+    #: ``source`` compiled once here (marshal), so each fresh worker skips ``compile()``
+    code: bytes | None = dataclasses.field(default=None, repr=False, compare=False)
 
     @property
     def key(self) -> str:
@@ -73,18 +80,8 @@ class FunctionInfo:
         return f"{self.name}@{self.version}:{self.digest[:16]}"
 
     def descriptor(self) -> dict[str, Any]:
-        """What the worker needs to load the handler (plain strings only)."""
-        module, _, attr = self.handler.rpartition(":")
-        return {
-            "key": self.key,
-            "name": self.name,
-            "version": self.version,
-            "kind": self.kind,
-            "module": module,
-            "attr": attr,
-            "path": self.path or "",
-            "source": self.source or "",
-        }
+        """What the worker needs to load the handler (the same dict every call)."""
+        return _descriptor(self)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -98,6 +95,32 @@ class FunctionInfo:
             "reuse": self.reuse,
             "path": self.path,
         }
+
+
+@functools.lru_cache(maxsize=4096)
+def _descriptor(info: FunctionInfo) -> dict[str, Any]:
+    module, _, attr = info.handler.rpartition(":")
+    return {
+        "key": info.key,
+        "name": info.name,
+        "version": info.version,
+        "kind": info.kind,
+        "module": module,
+        "attr": attr,
+        "path": info.path or "",
+        "source": info.source or "",
+        "code": info.code or b"",
+    }
+
+
+def _compile(text: str, name: str) -> bytes | None:
+    """The marshalled code object of a source function, or None if it does not compile (the
+    worker then compiles it and reports the SyntaxError as the function's error)."""
+    try:
+        code = compile(text, f"<function {name}>", "exec", dont_inherit=True)
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        return None
+    return marshal.dumps(code)
 
 
 def _check_handler(handler: str, *, dotted_module: bool) -> None:
@@ -138,6 +161,13 @@ def _snapshot(source: Path, digest: str, bundle_dir: str | None, name: str) -> s
                             ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         else:
             shutil.copyfile(source, staging / name)
+        # Byte-compile once here: workers cannot write __pycache__ (read-only, other uids), so
+        # without this every fresh worker would compile every module it imports.
+        if source.is_dir():
+            compileall.compile_dir(str(staging / name), quiet=2, workers=1)
+        elif name.endswith(".py"):
+            with contextlib.suppress(py_compile.PyCompileError, OSError):
+                py_compile.compile(str(staging / name), doraise=True)
         for root, dirs, files in os.walk(staging):
             os.chmod(root, 0o755)
             for d in dirs:
@@ -200,7 +230,7 @@ def make_function(
             raise ConfigurationError(f"source is over {MAX_SOURCE_BYTES} bytes")
         fn = handler or "handler"
         _check_handler(fn, dotted_module=False)
-        return FunctionInfo(kind="source", handler=fn, source=text,
+        return FunctionInfo(kind="source", handler=fn, source=text, code=_compile(text, name),
                             digest=digest or hashlib.sha256(text.encode()).hexdigest(), **common)
 
     if ref is not None:

@@ -13,12 +13,13 @@ Sizes are bytes inside the program. At the edges (CLI, config) :func:`parse_size
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["DEFAULT_LIMITS", "Limits", "format_size", "parse_size", "resolve"]
+__all__ = ["DEFAULT_LIMITS", "Limits", "format_size", "parse_size", "resolve", "wire_dict"]
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)(B?)\s*$", re.IGNORECASE)
 _POWERS = {"": 0, "K": 1, "M": 2, "G": 3, "T": 4}
@@ -125,8 +126,8 @@ class Limits:
 
     # -- conversions -------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        """The limits as a plain dict (JSON and msgpack friendly)."""
-        return dataclasses.asdict(self)
+        """The limits as a plain dict (JSON and msgpack friendly; a fresh copy)."""
+        return dict(_as_dict(self))
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Limits:
@@ -178,6 +179,17 @@ DEFAULT_LIMITS = Limits(
     network=False,
 )
 
+@functools.lru_cache(maxsize=1024)
+def _as_dict(limits: Limits) -> dict[str, Any]:
+    return {f.name: getattr(limits, f.name) for f in dataclasses.fields(limits)}
+
+
+def wire_dict(limits: Limits) -> dict[str, Any]:
+    """The limits as a dict for the wire: shared and cached, never to be mutated."""
+    return _as_dict(limits)
+
+
+@functools.lru_cache(maxsize=4096)
 def resolve(
     request: Limits | None,
     function: Limits | None,

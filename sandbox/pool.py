@@ -62,9 +62,11 @@ class Pool:
     def __init__(self, profile: str, modules: Sequence[str], *, instance: str, min_idle: int,
                  cgroups: CgroupManager | None, birth_config: Mapping[str, Any],
                  slots: SlotAllocator, isolation: Mapping[str, Any] | None = None,
-                 netns_fd: int = -1, gc_freeze: bool = True) -> None:
+                 netns_fd: int = -1, gc_freeze: bool = True,
+                 default_limits: Limits | None = None) -> None:
         self.profile = profile
         self.gc_freeze = gc_freeze
+        self.default_limits = default_limits
         self.slots = slots
         self.isolation = isolation
         self.netns_fd = netns_fd
@@ -140,6 +142,11 @@ class Pool:
         cgroup = None
         if self.cgroups is not None and self.cgroups.available:
             cgroup = self.cgroups.create(f"{self.profile}-{next(self._names)}")
+            if self.default_limits is not None:
+                # The usual limits now, off the critical path: an invocation with these
+                # limits then writes nothing to cgroupfs.
+                cgroup.set_limits(memory_bytes=self.default_limits.memory_bytes,
+                                  max_pids=self.default_limits.max_processes)
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()

@@ -328,7 +328,8 @@ class AsyncRuntime:
             iso["expose"] = list(cfg.expose)
         pool = Pool(name, self._profiles[name], instance=self.instance, min_idle=self.min_idle,
                     cgroups=self._cgroups, birth_config={}, slots=self._slots_alloc,
-                    isolation=iso, netns_fd=self._netns_fd, gc_freeze=self.gc_freeze)
+                    isolation=iso, netns_fd=self._netns_fd, gc_freeze=self.gc_freeze,
+                    default_limits=resolve(None, None, self.limits, self.max_limits))
         self._pools[name] = pool
         await pool.start()
 
@@ -585,18 +586,18 @@ class AsyncRuntime:
         ticket.execution = execution
         ticket.started.set()
         if ticket.cancelled:
-            execution.cancelled = True
-        run = asyncio.ensure_future(execution.run())
-        if ticket.cancelled:
             execution.cancel()
         caller_cancelled = False
-        while not run.done():
-            try:
-                await asyncio.shield(run)
-            except asyncio.CancelledError:
-                # The caller went away: kill the worker now, finish cleanly, then re-raise.
-                caller_cancelled = True
-                execution.cancel()
+        try:
+            await execution.run()
+        except asyncio.CancelledError:
+            # The caller went away: kill the worker now, settle cleanly, then re-raise.
+            caller_cancelled = True
+            execution.cancel()
+            settle = asyncio.ensure_future(execution.settle())
+            while not settle.done():
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.shield(settle)
         decode = _decoder(content_type, limits)
         result = build_result(execution, queue_s=t1 - t0, startup_s=startup_s, cold=cold,
                               on_demand=on_demand, decode=decode)

@@ -468,17 +468,26 @@ add(
          stopped_by="tmpfs pages are charged to the worker's memory cgroup"),
     Case("fill/sparse-file", src("""
         def handler(e, c):
-            out = {}
-            with open("sparse", "wb") as f:
-                out["truncate-1TiB"] = attempt(f.truncate, 1 << 40)
-                f.seek((1 << 40) - 1)
-                out["write-at-1TiB"] = attempt(lambda: (f.write(b"x"), f.flush()))
-            out["size"] = _os.stat("sparse").st_size
+            fd = _os.open("sparse", _os.O_CREAT | _os.O_WRONLY)
+            out = {"truncate-1TiB": attempt(_os.ftruncate, fd, 1 << 40),
+                   "write-at-1TiB": attempt(_os.pwrite, fd, b"x", (1 << 40) - 1),
+                   "write-at-60MiB": attempt(_os.pwrite, fd, b"x", 60 << 20)}
+            out["size"] = _os.fstat(fd).st_size
             return out
         """), Outcome.OK, check=lambda r, e: (
             r.result["truncate-1TiB"] == "EFBIG" and r.result["write-at-1TiB"] == "EFBIG"
-            and r.result["size"] <= 64 * MiB) or pytest.fail(str(r.result)),
-         stopped_by="RLIMIT_FSIZE"),
+            and r.result["write-at-60MiB"] == "ok" and r.result["size"] <= 64 * MiB)
+         or pytest.fail(str(r.result)), stopped_by="RLIMIT_FSIZE"),
+    Case("fill/sparse-file-no-fsize-limit", src("""
+        def handler(e, c):
+            fd = _os.open("sparse", _os.O_CREAT | _os.O_WRONLY)
+            out = {"truncate-1TiB": attempt(_os.ftruncate, fd, 1 << 40),
+                   "write-at-1TiB": attempt(_os.pwrite, fd, b"x", (1 << 40) - 1)}
+            out["blocks"] = _os.fstat(fd).st_blocks
+            return out
+        """), Outcome.OK, Limits(max_file_size_bytes=None), check=lambda r, e: (
+            r.result["blocks"] * 512 <= 64 * MiB) or pytest.fail(str(r.result)),
+         stopped_by="sparse: only written pages count, within the tmpfs size"),
     Case("fill/many-small-files", src("""
         def handler(e, c):
             n = 0
@@ -492,18 +501,18 @@ add(
         """), Outcome.OK, check=lambda r, e: (
             r.result[0] == "ENOSPC" and r.result[1] < 20000) or pytest.fail(str(r.result)),
          stopped_by="tmpfs nr_inodes"),
-    Case("fill/deep-directories", src("""
+    Case("fill/many-directories", src("""
         def handler(e, c):
             n = 0
             try:
                 while True:
-                    _os.mkdir("d")
-                    _os.chdir("d")
+                    _os.mkdir(f"d{n}")
                     n += 1
             except OSError as exc:
                 return [ename(exc.errno), n]
         """), Outcome.OK, check=lambda r, e: (
-            r.result[0] == "ENOSPC") or pytest.fail(str(r.result))),
+            r.result[0] == "ENOSPC") or pytest.fail(str(r.result)),
+         stopped_by="tmpfs nr_inodes"),
     Case("fill/dev-shm", src("""
         def handler(e, c):
             return {"file": attempt(open, "/dev/shm/fill", "wb"),
@@ -714,20 +723,39 @@ add(
 add(
     Case("crash/segfault-ctypes", src("import ctypes\ndef handler(e, c):\n    ctypes.string_at(0)\n"),
          Outcome.CRASHED, error="KilledBySignal", check=message_has("SIGSEGV")),
-    Case("crash/faulthandler-sigsegv", src("""
+    Case("crash/read-null", src("""
+        import faulthandler
+        def handler(e, c):
+            faulthandler.disable()
+            faulthandler._read_null()
+        """), Outcome.CRASHED, error="KilledBySignal", check=message_has("SIGSEGV")),
+    # raise(SIGSEGV) is a signal sent to itself: pid 1 of a pid namespace drops it.
+    Case("crash/raise-sigsegv-as-pid-1", src("""
         import faulthandler
         def handler(e, c):
             faulthandler.disable()
             faulthandler._sigsegv()
+            return "survived"
+        """), Outcome.OK, check=returns("survived"), needs=("pid_ns",)),
+    Case("crash/stack-overflow-in-c", src("""
+        import sys
+        def handler(e, c):
+            sys.setrecursionlimit(10**8)
+            x = []
+            for _ in range(200_000):
+                x = [x]
+            return repr(x)   # C recursion (list repr), no Python frames
         """), Outcome.CRASHED, error="KilledBySignal"),
-    Case("crash/stack-overflow", src("""
-        import sys, threading
+    # CPython 3.11 keeps Python frames on the heap: deep recursion is a memory bomb.
+    Case("crash/python-recursion", src("""
+        import sys
         def handler(e, c):
             sys.setrecursionlimit(10**8)
             def down(n):
                 return down(n + 1) + 1
             down(0)
-        """), Outcome.CRASHED, error="KilledBySignal"),
+        """), Outcome.MEMORY_LIMIT, Limits(memory_bytes=128 * MiB), error="MemoryLimitExceeded",
+         needs=("cgroup_memory",)),
     Case("crash/os-exit-3", src("def handler(e, c):\n    _os._exit(3)\n"),
          Outcome.CRASHED, error="WorkerExited", check=message_has("code 3")),
     Case("crash/os-exit-0", src("def handler(e, c):\n    _os._exit(0)\n"),
@@ -764,7 +792,7 @@ add(
 add(
     Case("error/sys-exit-2", src("import sys\ndef handler(e, c):\n    sys.exit(2)\n"),
          Outcome.FUNCTION_ERROR, error="SystemExit", check=lambda r, e: (
-             r.error.message == "2" and "sys.exit(2)" in r.error.traceback)
+             r.error.message == "2" and "line 28, in handler" in r.error.traceback)
          or pytest.fail(str(r.error))),
     Case("error/sys-exit-message", src("import sys\ndef handler(e, c):\n    sys.exit('bye')\n"),
          Outcome.FUNCTION_ERROR, error="SystemExit", check=message_has("bye")),
@@ -856,8 +884,10 @@ add(
          Outcome.FUNCTION_ERROR, error="ResultEncodingError",
          kwargs={"content_type": "application/json"}),
     Case("result/non-string-keys", src("def handler(e, c):\n    return {1: 'one'}\n"),
-         Outcome.FUNCTION_ERROR, error=("ResultEncodingError", "ProtocolViolation",
-                                        "ResultDecodingError")),
+         Outcome.FUNCTION_ERROR, error="ResultEncodingError",
+         xfail="BUG: a dict with int keys encodes in the worker but the supervisor's strict "
+               "decoder (strict_map_key=True) refuses it: CRASHED/ProtocolViolation blames "
+               "a well-behaved function; the worker should refuse it as ResultEncodingError"),
 )
 
 # ---------------------------------------------------------------------------------------------
@@ -1096,7 +1126,7 @@ def proc_denied(result: InvocationResult, env: Env) -> None:
 
 def targets(env: Env) -> dict[str, Any]:
     return {"targets": {"supervisor": env.supervisor_pid, "zygote": env.zygote_pid,
-                        "init": 1 if os.getpid() != 1 else 2}, "nr": _NR}
+                        "pytest-parent": os.getppid()}, "nr": _NR}
 
 
 add(
@@ -1147,7 +1177,7 @@ def handler(e, c):
         return {kind: attempt(socket.socket, socket.AF_NETLINK, socket.SOCK_RAW, 0)}
     if kind == "dns":
         try:
-            socket.getaddrinfo("localhost", 80, socket.AF_INET)
+            socket.getaddrinfo("example.com", 80, socket.AF_INET)
             return {kind: "resolved"}
         except (OSError, socket.gaierror) as exc:
             return {kind: type(exc).__name__}
@@ -1421,24 +1451,17 @@ def test_signals_cannot_touch_a_running_sibling(watch: Watch, env: Env) -> None:
 def test_network_true_reaches_our_listener_default_does_not(watch: Watch) -> None:
     """``Limits(network=True)`` gives real loopback access; the default denies it."""
     rt = watch.rt
-    rt.register("net-client", source=src("""
-        import socket
-        def handler(e, c):
-            try:
-                with socket.create_connection(("127.0.0.1", e["port"]), timeout=5) as s:
-                    s.sendall(b"hello from the sandbox")
-                    return s.recv(100).decode()
-            except OSError as exc:
-                return ename(exc.errno)
-        """))
+    rt.register("net-denied", source=NET_CLIENT)
+    # A request cannot grant network: the function's own limits must (resolve() in limits.py).
+    rt.register("net-client", source=NET_CLIENT, limits=Limits(network=True))
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as listener:
         listener.bind(("127.0.0.1", 0))
         listener.listen(4)
         listener.settimeout(30)  # deadlock guard only
         port = listener.getsockname()[1]
-        denied = rt.invoke("net-client", {"port": port})
+        denied = rt.invoke("net-denied", {"port": port}, limits=Limits(network=True))
         assert denied.outcome is Outcome.OK and denied.result in NET_ERRNOS, denied.result
-        call = rt.submit("net-client", {"port": port}, limits=Limits(network=True))
+        call = rt.submit("net-client", {"port": port})
         conn, _ = listener.accept()
         with conn:
             conn.settimeout(30)
@@ -1447,6 +1470,18 @@ def test_network_true_reaches_our_listener_default_does_not(watch: Watch) -> Non
         allowed = call.result(timeout=30)
         assert allowed.outcome is Outcome.OK and allowed.result == "hello back", allowed
     watch.assert_clean(worker_pid=allowed.stats.worker_pid, case="network=True")
+
+
+NET_CLIENT = src("""
+        import socket
+        def handler(e, c):
+            try:
+                with socket.create_connection(("127.0.0.1", e["port"]), timeout=5) as s:
+                    s.sendall(b"hello from the sandbox")
+                    return s.recv(100).decode()
+            except OSError as exc:
+                return ename(exc.errno)
+""")
 
 
 LEAVER = src("""
@@ -1459,10 +1494,9 @@ def handler(e, c):
     os.umask(0)
     with open(os.path.join(os.environ["TMPDIR"], "left-behind"), "w") as f:
         f.write("x")
-    builtins.len = lambda x: -1
     json.dumps = lambda *a, **k: "patched"
     sys.path.insert(0, "/nonexistent")
-    sys.setrecursionlimit(50)
+    sys.setrecursionlimit(60)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     threading.Thread(target=time.sleep, args=(3600,), name="left-behind").start()
     import resource
@@ -1514,7 +1548,57 @@ def test_state_left_behind_is_invisible(watch: Watch, reuse: int) -> None:
     again = rt.invoke("leaver")
     if reuse == 1:
         assert again.result["count"] == 1
-    watch.assert_clean(worker_pid=first.stats.worker_pid, case=f"state/{reuse}")
+    # (a reusable worker stays, kept for its own function only: assert_clean allows it)
+    watch.assert_clean(worker_pid=first.stats.worker_pid if reuse == 1 else None,
+                       case=f"state/{reuse}")
+    rt.unregister("leaver")
+    if reuse > 1:  # (see test_unregister_releases_kept_workers)
+        def drop() -> None:
+            pool = rt.async_runtime._pools["default"]
+            for queue in list(pool.reusable.values()):
+                for worker in list(queue):
+                    pool.discard(worker)
+        rt._in_loop(drop)
+        watch.assert_clean(worker_pid=first.stats.worker_pid, case="state/dropped")
+
+
+def test_sabotaging_its_own_worker_fails_only_itself(watch: Watch) -> None:
+    """Monkeypatching builtins the worker's own code uses breaks only this invocation."""
+    rt = watch.rt
+    rt.register("saboteur", source=src("""
+        import builtins, msgpack, struct
+        def handler(e, c):
+            builtins.len = lambda x: -1
+            msgpack.packb = lambda *a, **k: b"\\xc1"
+            struct.Struct.pack = None
+            return "sabotaged"
+        """))
+    result = rt.invoke("saboteur", limits=Limits(wall_timeout_s=2))
+    assert result.outcome in (Outcome.CRASHED, Outcome.TIMEOUT), result
+    watch.assert_clean(worker_pid=result.stats.worker_pid, case="state/saboteur")
+    assert rt.invoke("ok-after").result == "fine"
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: unregister() leaves the workers kept for the "
+                   "function (reuse > 1) alive in Pool.reusable until the runtime closes: a "
+                   "process, 4 supervisor fds, a cgroup and a uid slot each")
+def test_unregister_releases_kept_workers(watch: Watch) -> None:
+    rt = watch.rt
+    rt.register("kept", source="def handler(e, c):\n    return 1\n", reuse=5)
+    result = rt.invoke("kept")
+    assert result.outcome is Outcome.OK
+    rt.unregister("kept")
+    try:
+        watch.assert_clean(worker_pid=result.stats.worker_pid, case="unregister/kept")
+    finally:
+        # leave the module's runtime as it was: the kept worker dies with its pool entry
+        def drop() -> None:
+            pool = rt.async_runtime._pools["default"]
+            for queue in list(pool.reusable.values()):
+                for worker in list(queue):
+                    pool.discard(worker)
+        rt._in_loop(drop)
+        watch.assert_clean(worker_pid=result.stats.worker_pid, case="unregister/dropped")
 
 
 def test_supervisor_stayed_flat(watch: Watch) -> None:
@@ -1522,9 +1606,12 @@ def test_supervisor_stayed_flat(watch: Watch) -> None:
     if len(watch.samples) < 40:
         pytest.skip(f"only {len(watch.samples)} cases ran: run the whole module to measure")
     print(watch.assert_flat())
+    for case, fds, rss in watch.samples:
+        print(f"{case:50} {fds:4} {rss // MiB:5} MiB")
 
 
 def test_nothing_left_over_marked(watch: Watch) -> None:
     """Only the runtime's zygote and idle workers carry its mark now."""
     watch.assert_clean(case="end of module")
-    assert len(marked(watch.instance)) == 1 + watch.rt.async_runtime.min_idle
+    sizes = watch.rt.info()["pools"]["default"]
+    assert sizes["idle"] == watch.rt.async_runtime.min_idle and sizes["busy"] == 0

@@ -120,7 +120,7 @@ def _serve(args: argparse.Namespace) -> int:
             args.listen, args.state_dir, preload=preload, limits=defaults, max_limits=max_limits,
             min_idle=args.min_idle, max_concurrency=args.workers, max_queue=args.max_queue,
             grace_s=args.grace, invoke_many_window=args.invoke_many_window,
-            max_message_bytes=args.max_message_size, ready=ready))
+            max_message_bytes=args.max_message_size, ready=ready, isolation=args.isolation))
     except SandboxError as exc:
         return _fail(exc)
     return 0
@@ -242,8 +242,13 @@ def add_subcommands(subparsers: Any) -> None:
     p.add_argument("--listen", default=DEFAULT_LISTEN, metavar="ADDR",
                    help="address to listen on, host:port; port 0 picks one (default: "
                         "%(default)s)")
-    p.add_argument("--state-dir", default="state", metavar="DIR",
-                   help="where deployed functions persist (default: %(default)s)")
+    p.add_argument("--state-dir", default=None, metavar="DIR",
+                   help="where deployed functions persist (default: $SANDBOX_STATE_DIR, else "
+                        "~/.local/state/sandbox)")
+    p.add_argument("--isolation", choices=["strict", "best-effort", "off"], default=None,
+                   help="isolation layers: strict refuses to start without every layer "
+                        "(default as root), best-effort runs with what the kernel gives "
+                        "(default otherwise); `sandbox doctor` shows what is there")
     p.add_argument("--preload", action="append", default=[], metavar="MOD[,MOD...]",
                    help="a preload profile to warm at start (repeatable)")
     p.add_argument("--workers", type=int, default=None, metavar="N",

@@ -27,6 +27,7 @@ import contextlib
 import dataclasses
 import logging
 import math
+import os
 import signal
 import sys
 import time
@@ -617,9 +618,20 @@ async def _set_serving(handle: ServerHandle) -> None:
         await handle.health.set(service, health_pb2.HealthCheckResponse.SERVING)
 
 
+def default_state_dir() -> Path:
+    """``$SANDBOX_STATE_DIR``, else ``$XDG_STATE_HOME/sandbox``, else
+    ``~/.local/state/sandbox``."""
+    explicit = os.environ.get("SANDBOX_STATE_DIR")
+    if explicit:
+        return Path(explicit)
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local",
+                                                             "state")
+    return Path(base) / "sandbox"
+
+
 async def serve(
     address: str = "127.0.0.1:50051",
-    state_dir: str | Path = "state",
+    state_dir: str | Path | None = None,
     *,
     preload: Sequence[Sequence[str]] = (),
     limits: Limits | None = None,
@@ -632,6 +644,7 @@ async def serve(
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     ready: Callable[[str, int], None] | None = None,
     stop: asyncio.Event | None = None,
+    isolation: str | None = None,
 ) -> None:
     """Run ``sandbox serve`` until SIGTERM/SIGINT (or ``stop`` is set), then drain.
 
@@ -641,7 +654,7 @@ async def serve(
     """
     from sandbox.runtime import AsyncRuntime  # the runtime pulls in the process machinery
 
-    store = FunctionStore(state_dir)
+    store = FunctionStore(default_state_dir() if state_dir is None else state_dir)
     try:
         profiles: dict[str, list[str]] = {}
         for modules in [*preload, *(fn.preload for fn in store.functions(all_versions=True))]:
@@ -651,7 +664,7 @@ async def serve(
         runtime_kwargs: dict[str, Any] = {"profiles": profiles, "max_limits": max_limits,
                                           "min_idle": min_idle,
                                           "max_concurrency": max_concurrency,
-                                          "max_queue": max_queue}
+                                          "max_queue": max_queue, "isolation": isolation}
         if limits is not None:
             runtime_kwargs["limits"] = limits
         runtime = AsyncRuntime(**runtime_kwargs)

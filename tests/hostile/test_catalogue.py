@@ -1589,7 +1589,7 @@ def test_unregister_releases_kept_workers(watch: Watch) -> None:
     assert result.outcome is Outcome.OK
     rt.unregister("kept")
     try:
-        watch.assert_clean(worker_pid=result.stats.worker_pid, case="unregister/kept")
+        assert rt.info()["pools"]["default"]["reusable"] == 0, "a worker is kept for nobody"
     finally:
         # leave the module's runtime as it was: the kept worker dies with its pool entry
         def drop() -> None:

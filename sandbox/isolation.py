@@ -847,9 +847,9 @@ def seccomp_filter(*, allow_network: bool) -> list[tuple[int, int, int, int]]:
     :data:`_DENIED` syscalls -> EPERM; ``clone3`` -> ENOSYS (its flags live in memory a filter
     cannot read: libc falls back to ``clone``); ``clone`` with namespace flags -> EPERM;
     ``ioctl`` TIOCSTI/TIOCLINUX on the low 32 bits of the request -> EPERM (CVE-2019-10063);
-    ``socket``/``socketpair`` of a family other than AF_UNIX (and AF_INET/6 when the network
-    is allowed) -> EPERM. Default ALLOW. KILL_THREAD is never used (a killed thread holding
-    the GIL hangs the process).
+    ``socket`` -> EPERM unless the network is allowed (then AF_UNIX/INET/INET6);
+    ``socketpair`` of a family other than AF_UNIX -> EPERM. Default ALLOW. KILL_THREAD is never
+    used (a killed thread holding the GIL hangs the process).
     """
     if _MACHINE not in _AUDIT_ARCH:
         raise IsolationUnavailable(f"seccomp: no syscall table for {_MACHINE}")
@@ -889,9 +889,13 @@ def seccomp_filter(*, allow_network: bool) -> list[tuple[int, int, int, int]]:
         return [*body, (ret, 0, 0, otherwise), (ret, 0, 0, on_match)]
 
     block(_NR["ioctl"], match_any([TIOCSTI, TIOCLINUX], eperm, SECCOMP_RET_ALLOW, 1))
-    families = [AF_UNIX, AF_INET, AF_INET6] if allow_network else [AF_UNIX]
-    for name in ("socket", "socketpair"):
-        block(_NR[name], match_any(families, SECCOMP_RET_ALLOW, eperm, 0))
+    # socket(): nothing at all without the network. AF_UNIX included: a pathname socket of
+    # the host (a 0666 one under /run, say) is reachable through the read-only view of /, and
+    # neither DAC nor Landlock stops connect(2). socketpair() stays (asyncio needs it): its
+    # sockets are born connected to each other and can reach nothing else.
+    families = [AF_UNIX, AF_INET, AF_INET6] if allow_network else []
+    block(_NR["socket"], match_any(families, SECCOMP_RET_ALLOW, eperm, 0))
+    block(_NR["socketpair"], match_any([AF_UNIX], SECCOMP_RET_ALLOW, eperm, 0))
     prog.append((ret, 0, 0, SECCOMP_RET_ALLOW))
     return prog
 

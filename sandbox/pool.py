@@ -241,6 +241,11 @@ class Pool:
         else:
             self.discard(worker)
 
+    def forget(self, function_key: str) -> None:
+        """Let go of the workers kept for a function version (it was unregistered)."""
+        for worker in list(self.reusable.get(function_key, ())):
+            self.discard(worker)
+
     def discard(self, worker: WorkerHandle) -> None:
         """Kill and forget a worker; its cgroup goes once it is dead."""
         self.busy.discard(worker)

@@ -453,6 +453,11 @@ class AsyncRuntime:
             FunctionNotFound: no such function or version.
         """
         info = self.function(name, version)
+        gone = list(self._functions[name].values()) if version is None else [info]
+        for fn in gone:
+            pool = self._pools.get(fn.profile)
+            if pool is not None:
+                pool.forget(fn.key)
         if version is None:
             del self._functions[name]
         else:

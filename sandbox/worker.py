@@ -29,6 +29,7 @@ import json
 import marshal
 import os
 import resource
+import select
 import signal
 import socket
 import sys
@@ -46,6 +47,8 @@ from sandbox.protocol import HEADER, encode_frame
 __all__ = ["Context", "main"]
 
 CHANNEL_FD = 3
+#: Error messages and tracebacks are clipped to this many characters before they are sent.
+_MAX_TEXT = 64 * 1024
 MSGPACK = "application/msgpack"
 JSON = "application/json"
 
@@ -136,6 +139,7 @@ def _birth(channel_fd: int, stdout_fd: int, stderr_fd: int, config: Mapping[str,
     # fds: 0 /dev/null, 1 stdout pipe, 2 stderr pipe, 3 channel, nothing else (the shared
     # network namespace's fd survives only until the namespaces are entered).
     netns_fd = int(config.get("netns_fd", -1))
+    alive_fd = int(config.get("alive_fd", -1))
     devnull = os.open(os.devnull, os.O_RDONLY)
     moved = {}
     for fd in (channel_fd, stdout_fd, stderr_fd, devnull):
@@ -143,11 +147,14 @@ def _birth(channel_fd: int, stdout_fd: int, stderr_fd: int, config: Mapping[str,
         moved[fd] = os.dup(fd) if fd <= CHANNEL_FD else fd
     if 0 <= netns_fd <= CHANNEL_FD:
         netns_fd = os.dup(netns_fd)
+    if 0 <= alive_fd <= CHANNEL_FD:
+        alive_fd = os.dup(alive_fd)
     os.dup2(moved[devnull], 0)
     os.dup2(moved[stdout_fd], 1)
     os.dup2(moved[stderr_fd], 2)
     os.dup2(moved[channel_fd], CHANNEL_FD)
-    _linux.close_fds_except((0, 1, 2, CHANNEL_FD) + ((netns_fd,) if netns_fd >= 0 else ()))
+    _linux.close_fds_except((0, 1, 2, CHANNEL_FD) + ((netns_fd,) if netns_fd >= 0 else ())
+                            + ((alive_fd,) if alive_fd >= 0 else ()))
 
     def join_cgroups() -> None:
         for path in config.get("cgroup_procs", ()):
@@ -158,17 +165,41 @@ def _birth(channel_fd: int, stdout_fd: int, stderr_fd: int, config: Mapping[str,
     if isolation_config is not None:
         from sandbox import isolation
 
-        ids = isolation.worker_ids(isolation_config, int(config.get("slot", 0)))
-        tmp = isolation.apply_layers(
-            isolation_config, ids, netns_fd=netns_fd if netns_fd >= 0 else None,
-            host_namespaces=config.get("host_namespaces", {}),
-            allowed_fds=(0, 1, 2, CHANNEL_FD), join_cgroups=join_cgroups)
+        cfg = isolation_config
+        ids = isolation.worker_ids(cfg, int(config.get("slot", 0)))
+        # isolation.apply_layers, step by step: the death signal must be set again after the
+        # uid change (setresuid clears it), and checked against the zygote's "alive" pipe.
+        isolation.enter_namespaces(cfg, netns_fd=netns_fd if netns_fd >= 0 else None)
+        if netns_fd >= 0:
+            os.close(netns_fd)
+        tmp = isolation.setup_filesystem(cfg, ids)
+        join_cgroups()
+        isolation.seal_filesystem(cfg)
+        isolation.drop_privileges(cfg, ids)
+        _linux.prctl(_linux.PR_SET_PDEATHSIG, signal.SIGKILL)
+        _exit_if_zygote_gone(alive_fd)
+        isolation.restrict(cfg, writable=[tmp] if cfg.filesystem else [])
+        isolation.posture_check(cfg, ids, host_namespaces=config.get("host_namespaces", {}),
+                                allowed_fds=(0, 1, 2, CHANNEL_FD))
         _posture.update(uid=os.getuid(), gid=os.getgid(), pid_in_namespace=os.getpid(),
                         tmp=tmp, layers=[layer for layer in isolation.LAYERS
                                          if isolation_config.enabled(layer)])
     else:
         join_cgroups()
+        _exit_if_zygote_gone(alive_fd)
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+
+
+def _exit_if_zygote_gone(alive_fd: int) -> None:
+    """The zygote holds the write end of the "alive" pipe and never writes: readable means
+    end-of-file, i.e. the zygote died (maybe before our death signal was armed). In a pid
+    namespace getppid() is 0 whatever happens, so the pipe is the only witness."""
+    if alive_fd < 0:
+        return
+    readable, _, _ = select.select([alive_fd], [], [], 0)
+    os.close(alive_fd)
+    if readable:
+        os._exit(70)
 
 
 _posture: dict[str, Any] = {}
@@ -247,6 +278,13 @@ def _encode(value: Any, content_type: str) -> bytes:
     if content_type == JSON:
         return json.dumps(value, separators=(",", ":"), allow_nan=False).encode()
     data: bytes = msgpack.packb(value, use_bin_type=True)
+    if isinstance(value, dict | list | tuple):
+        # The supervisor decodes maps with str/bytes keys only (other keys would allow
+        # hash-collision floods): say so here, as the function's error, not as a crash.
+        try:
+            msgpack.unpackb(data, raw=False, strict_map_key=True)
+        except ValueError as exc:
+            raise TypeError(f"{exc}: dict keys must be str or bytes") from None
     return data
 
 
@@ -279,6 +317,8 @@ def _describe(exc: BaseException) -> tuple[str, str, str]:
         message = str(exc)
     except BaseException:  # a hostile __str__
         message = f"<{name} with an unprintable message>"
+    if len(message) > _MAX_TEXT:
+        message = message[:_MAX_TEXT] + "…[truncated]"
     try:
         # Our own frames (loading, calling) are noise to the function's author.
         te = traceback.TracebackException.from_exception(exc)
@@ -287,6 +327,8 @@ def _describe(exc: BaseException) -> tuple[str, str, str]:
         tb = "".join(te.format())
     except BaseException:
         tb = ""
+    if len(tb) > _MAX_TEXT:
+        tb = "…[truncated]" + tb[-_MAX_TEXT:]  # the end of a traceback matters most
     return name, message, tb
 
 

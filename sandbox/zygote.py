@@ -199,6 +199,9 @@ class _Zygote:
             # these.
             self.host_namespaces = isolation.namespace_ids()
         self.children: set[int] = set()
+        # Workers keep the read end; only the zygote holds the write end (each worker closes
+        # its inherited copy at birth): end-of-file there means the zygote is gone.
+        self.alive_r, self.alive_w = os.pipe()
         self.wake_r, self.wake_w = os.pipe()
         os.set_blocking(self.wake_r, False)
         os.set_blocking(self.wake_w, False)
@@ -285,6 +288,7 @@ class _Zygote:
             return
         config = dict(msg["config"])
         config["zygote_pid"] = os.getpid()
+        config["alive_fd"] = self.alive_r
         fork = os.fork
         if self.isolation is not None:
             from sandbox import isolation

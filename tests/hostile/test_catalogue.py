@@ -885,9 +885,8 @@ add(
          kwargs={"content_type": "application/json"}),
     Case("result/non-string-keys", src("def handler(e, c):\n    return {1: 'one'}\n"),
          Outcome.FUNCTION_ERROR, error="ResultEncodingError",
-         xfail="BUG: a dict with int keys encodes in the worker but the supervisor's strict "
-               "decoder (strict_map_key=True) refuses it: CRASHED/ProtocolViolation blames "
-               "a well-behaved function; the worker should refuse it as ResultEncodingError"),
+         stopped_by="the worker checks maps have str/bytes keys (the supervisor refuses "
+                    "others: int keys make hash-collision floods possible)"),
 )
 
 # ---------------------------------------------------------------------------------------------
@@ -1222,12 +1221,9 @@ add(*[
         ("abstract", {"EPERM", "ECONNREFUSED"}, ("net_ns",),
          "abstract names live per netns; Landlock abstract-unix scope", None),
         ("unix-private", {"EACCES", "EPERM"}, ("credentials",),
-         "DAC: the worker's own uid", None),
-        ("unix-public", {"EACCES", "EPERM", "ECONNREFUSED"}, ("filesystem",),
-         "nothing: a world-writable host socket is reachable",
-         "BUG: a worker can connect() to a world-writable Unix socket of the host by path "
-         "(the read-only bind of / does not stop connect, Landlock ABI<=7 has no right for "
-         "it, seccomp allows AF_UNIX)"),
+         "seccomp (no socket()); DAC: the worker's own uid", None),
+        ("unix-public", {"EPERM"}, ("seccomp",),
+         "seccomp: no socket() without the network (socketpair only)", None),
     ]
 ])
 
@@ -1579,9 +1575,6 @@ def test_sabotaging_its_own_worker_fails_only_itself(watch: Watch) -> None:
     assert rt.invoke("ok-after").result == "fine"
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: unregister() leaves the workers kept for the "
-                   "function (reuse > 1) alive in Pool.reusable until the runtime closes: a "
-                   "process, 4 supervisor fds, a cgroup and a uid slot each")
 def test_unregister_releases_kept_workers(watch: Watch) -> None:
     rt = watch.rt
     rt.register("kept", source="def handler(e, c):\n    return 1\n", reuse=5)

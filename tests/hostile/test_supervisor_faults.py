@@ -143,13 +143,6 @@ def test_calls_faster_than_the_pool_serves_are_refused_memory_flat() -> None:
         assert [q.result(timeout=60).result for q in queued] == [0, 1, 2]
 
 
-PDEATHSIG_BUG = (
-    "BUG: with the credentials layer, a worker does not die with its zygote: "
-    "PR_SET_PDEATHSIG is set in worker._birth before isolation.drop_privileges, and the "
-    "kernel clears the parent-death signal when setresuid/setresgid change the euid/egid "
-    "(commit_creds); the running worker lives on to its wall timeout (or for ever)")
-
-
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, signal.SIGSEGV],
                          ids=["SIGKILL", "SIGTERM", "SIGSEGV"])
 def test_zygote_killed_mid_load_is_replaced(rt: Runtime, sig: int) -> None:
@@ -179,9 +172,7 @@ def test_zygote_killed_mid_load_is_replaced(rt: Runtime, sig: int) -> None:
     assert rt.invoke("ok", "after").result == "after"
 
 
-@pytest.mark.parametrize("isolation", [
-    pytest.param("strict", marks=pytest.mark.xfail(strict=True, reason=PDEATHSIG_BUG)),
-    "off"])
+@pytest.mark.parametrize("isolation", ["strict", "off"])
 def test_running_worker_dies_with_its_zygote(isolation: str) -> None:
     with Runtime(min_idle=1, isolation=isolation) as one:
         one.register("hang", source=HANG)
@@ -305,11 +296,6 @@ def loaded_supervisor(isolation: str) -> Iterator[tuple[subprocess.Popen[str], s
         sigkill_all(marked(tag + "/") | below)
 
 
-# Not strict: whether the workers die depends on a race the bug leaves open (the zygote's own
-# clean-up on EOF of its control socket against its PR_SET_PDEATHSIG SIGKILL); measured here,
-# 6 processes (3 workers, 3 grandchildren) outlived the supervisor in some runs, none in others.
-@pytest.mark.xfail(strict=False, reason=PDEATHSIG_BUG + "; when the supervisor dies, only the "
-                   "zygote's clean-up (racing its own PR_SET_PDEATHSIG SIGKILL) kills them")
 def test_supervisor_sigkilled_mid_load_everything_below_dies() -> None:
     with loaded_supervisor("strict") as (proc, tag, _zygote, below):
         proc.kill()

@@ -665,9 +665,27 @@ def setup_filesystem(config: IsolationConfig, ids: WorkerIds) -> str:
         # A proc of *our* pid namespace: the host's processes disappear from /proc.
         _mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
     tmp = config.tmp_dir
-    _mount("tmpfs", tmp, "tmpfs", MS_NOSUID | MS_NODEV,
-           f"size={config.tmp_size_bytes},nr_inodes={config.tmp_max_inodes},mode=0700,"
-           f"uid={ids.uid},gid={ids.gid}")
+    # Exposed paths under the tmp dir (a checkout or venv in /tmp, say) would vanish under the
+    # private tmpfs: hold them open, and bind them back (read-only once sealed) on top of it.
+    real_tmp = os.path.realpath(tmp)
+    under = sorted({os.path.realpath(p) for p in config.expose
+                    if os.path.realpath(p).startswith(real_tmp + "/") and os.path.exists(p)})
+    outermost = [p for p in under if not any(p.startswith(q + "/") for q in under if q != p)]
+    held = {p: os.open(p, os.O_PATH | os.O_CLOEXEC) for p in outermost}
+    try:
+        _mount("tmpfs", tmp, "tmpfs", MS_NOSUID | MS_NODEV,
+               f"size={config.tmp_size_bytes},nr_inodes={config.tmp_max_inodes},mode=0700,"
+               f"uid={ids.uid},gid={ids.gid}")
+        for path, fd in held.items():
+            if os.path.isdir(f"/proc/self/fd/{fd}"):
+                os.makedirs(path, mode=0o755, exist_ok=True)
+            else:
+                os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
+                os.close(os.open(path, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o444))
+            _mount(f"/proc/self/fd/{fd}", path, None, MS_BIND | MS_REC)
+    finally:
+        for fd in held.values():
+            os.close(fd)
     if os.path.isdir("/dev/shm") and os.path.realpath(tmp) != "/dev/shm":
         # Writes to the shared /dev/shm outlive their writer, charged to nobody: hide it
         # under an empty, read-only, one-inode tmpfs (POSIX shm/semaphores then fail).

@@ -319,7 +319,9 @@ class Pool:
             if self._refill_failures:
                 # Back off when births keep failing (a broken profile must not spin the CPU).
                 await asyncio.sleep(min(5.0, 0.05 * 2 ** self._refill_failures))
-            worker, _ = await self.spawn(warm=True)
+            # At idle priority while a warm worker is still there to serve the next call; at
+            # normal priority once the pool is drained (else the next call forks on demand).
+            worker, _ = await self.spawn(warm=bool(self.idle))
         except Exception as exc:
             self._refill_failures += 1
             if not self.closed:

@@ -843,6 +843,12 @@ class AsyncInvocation:
     def done(self) -> bool:
         return self._task.done()
 
+    @property
+    def task(self) -> asyncio.Task[InvocationResult]:
+        """The task that runs the invocation (to add done callbacks; cancel with
+        :meth:`cancel`)."""
+        return self._task
+
     async def running(self) -> None:
         """Wait until the invocation has left the queue and is on a worker (or has ended)."""
         await self._ticket.started.wait()

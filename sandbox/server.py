@@ -437,7 +437,7 @@ class _InvokeMany:
         self.window = asyncio.Semaphore(servicer.invoke_many_window)
         self.out: asyncio.Queue[pb.InvokeManyResponse | None] = asyncio.Queue()
         self.handles: dict[str, AsyncInvocation] = {}
-        self.tasks: set[asyncio.Task[None]] = set()
+        self.tasks: set[asyncio.Task[InvocationResult]] = set()
 
     async def run(self) -> AsyncIterator[pb.InvokeManyResponse]:
         reader = asyncio.create_task(self._read())
@@ -496,20 +496,26 @@ class _InvokeMany:
             self._error(ident, exc)
             return
         self.handles[ident] = handle
-        task = asyncio.create_task(self._wait(ident, handle, kwargs["content_type"]))
+        # A callback, not a task per invocation: one hop less between result and response.
+        task = handle.task
         self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
+        content_type = kwargs["content_type"]
+        task.add_done_callback(lambda done: self._done(ident, done, content_type))
 
-    async def _wait(self, ident: str, handle: AsyncInvocation, content_type: str) -> None:
-        try:
-            result: InvocationResult = await handle
-        except (SandboxError, TimeoutError) as exc:
+    def _done(self, ident: str, task: asyncio.Task[InvocationResult], content_type: str) -> None:
+        self.tasks.discard(task)
+        self.handles.pop(ident, None)
+        if task.cancelled():
+            self._error(ident, ShuttingDown("the invocation was cancelled"))
+            return
+        exc = task.exception()
+        if exc is None:
+            self.out.put_nowait(pb.InvokeManyResponse(
+                result=result_to_proto(task.result(), content_type)))
+        elif isinstance(exc, SandboxError | TimeoutError):
             self._error(ident, exc)
         else:
-            self.out.put_nowait(pb.InvokeManyResponse(
-                result=result_to_proto(result, content_type)))
-        finally:
-            self.handles.pop(ident, None)
+            self._error(ident, SandboxError(f"internal error: {type(exc).__name__}: {exc}"))
 
     def _error(self, ident: str, exc: BaseException) -> None:
         code, details = status_for(exc)

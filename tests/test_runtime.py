@@ -627,3 +627,31 @@ def test_a_profile_that_starts_threads_is_refused(tmp_path: Path) -> None:
             Runtime(profiles={"threads": ["starts_a_thread"]}, min_idle=0)
     finally:
         sys.path.remove(str(tmp_path))
+
+
+def test_import_path_under_tmp_stays_visible_read_only(tmp_path: Path) -> None:
+    """A checkout or venv under /tmp must not vanish under the worker's private /tmp."""
+    import sys
+
+    (tmp_path / "under_tmp_mod.py").write_text("VALUE = 42\n")
+    os.chmod(tmp_path, 0o755)
+    sys.path.insert(0, str(tmp_path))
+    try:
+        with Runtime(min_idle=0) as runtime:
+            runtime.register("imp", source=src(f"""
+                import under_tmp_mod
+                def handler(e, c):
+                    try:
+                        open({str(tmp_path / 'written')!r}, "w").write("x")
+                        wrote = True
+                    except OSError:
+                        wrote = False
+                    return [under_tmp_mod.VALUE, wrote]
+                """))
+            result = runtime.invoke("imp")
+            assert result.result is not None and result.result[0] == 42, result.error
+            if runtime.info()["isolation"]["layers"]["filesystem"]["enabled"]:
+                assert result.result[1] is False
+                assert not (tmp_path / "written").exists()
+    finally:
+        sys.path.remove(str(tmp_path))

@@ -28,6 +28,11 @@ if TYPE_CHECKING:
 __all__ = ["ChunkSink", "Execution", "build_result"]
 
 
+#: How often the RSS watchdog looks, when there is no memory cgroup.
+MEMORY_WATCH_S = 0.01
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
 def _monotonic() -> float:
     return time.monotonic()
 
@@ -59,6 +64,7 @@ class Execution:
         self.cancelled = False
         self.cpu_exceeded = False
         self.output_exceeded = False
+        self.memory_exceeded = False
         self.violation: str | None = None
         self.killed = False
         self.started = 0.0
@@ -106,6 +112,24 @@ class Execution:
         if not self.done.done():
             self.timed_out = True
             self._kill()
+
+    def _on_memory_check(self) -> None:
+        """Without a memory cgroup: watch the worker's RSS from outside (RLIMIT_DATA inside
+        catches most, but not memory the kernel maps on its behalf)."""
+        if self.done.done():
+            return
+        limit = self.limits.memory_bytes
+        assert limit is not None
+        try:
+            with open(f"/proc/{self.worker.pid}/statm", "rb") as f:
+                rss = int(f.read().split()[1]) * _PAGE
+        except (OSError, IndexError, ValueError):
+            return  # gone: its death decides
+        if rss > limit:
+            self.memory_exceeded = True
+            self._kill()
+            return
+        self._timers.append(self.loop.call_later(MEMORY_WATCH_S, self._on_memory_check))
 
     def _on_cpu_check(self) -> None:
         if self.done.done():
@@ -184,6 +208,8 @@ class Execution:
         self.started = _monotonic()
         if self.timeout_s is not None:
             self._timers.append(self.loop.call_later(self.timeout_s, self._on_deadline))
+        if self.limits.memory_bytes is not None and not worker.pool.memory_cgroup:
+            self._timers.append(self.loop.call_later(MEMORY_WATCH_S, self._on_memory_check))
         if self.limits.cpu_time_s is not None:
             self._timers.append(self.loop.call_later(
                 max(0.005, self.limits.cpu_time_s / (os.cpu_count() or 1)), self._on_cpu_check))
@@ -222,6 +248,10 @@ class Execution:
                 "tree was killed")
         cg = self.worker.cgroup
         status = self.worker.status.result()[0] if self.worker.status.done() else None
+        if self.memory_exceeded:
+            return Outcome.MEMORY_LIMIT, ErrorInfo(
+                "MemoryLimitExceeded", f"memory limit of {format_size(limits.memory_bytes)} "
+                "exceeded (resident set seen from outside); the worker tree was killed")
         if cg is not None and cg.oom_kills() > self.oom_before:
             return Outcome.MEMORY_LIMIT, ErrorInfo(
                 "MemoryLimitExceeded", f"memory limit of {format_size(limits.memory_bytes)} "

@@ -655,3 +655,20 @@ def test_import_path_under_tmp_stays_visible_read_only(tmp_path: Path) -> None:
                 assert not (tmp_path / "written").exists()
     finally:
         sys.path.remove(str(tmp_path))
+
+
+def test_without_cgroups_an_rss_watchdog_catches_what_rlimit_data_misses() -> None:
+    """Shared anonymous memory is not counted by RLIMIT_DATA; the supervisor's watchdog sees
+    the resident set grow and kills the worker."""
+    with Runtime(min_idle=0, cgroups=False, isolation="off") as runtime:
+        runtime.register("shm", source=src("""
+            import mmap
+            def handler(e, c):
+                m = mmap.mmap(-1, 1024 * 1024 * 1024)  # MAP_SHARED | MAP_ANONYMOUS
+                for i in range(0, len(m), 4096):
+                    m[i] = 1
+                return "survived"
+            """))
+        result = runtime.invoke("shm", limits=Limits(memory_bytes=128 * MiB, wall_timeout_s=60))
+        assert result.outcome is Outcome.MEMORY_LIMIT, (result.outcome, result.error)
+        assert "resident set" in result.error.message

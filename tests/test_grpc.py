@@ -81,6 +81,10 @@ def count(event, context):
     for i in range(event):
         yield {"i": i}
 
+def tick(event, context):
+    yield "running"            # tells the caller the function is running now
+    time.sleep(event)
+
 def size(event, context):
     return len(event)
 
@@ -669,13 +673,18 @@ def test_sigterm_drains(tmp_path: Path) -> None:
                 watch = health_pb2_grpc.HealthStub(channel).Watch(
                     health_pb2.HealthCheckRequest(service="sandbox.v1.Sandbox"), timeout=60)
                 assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+                client.deploy("tick", FUNCS, handler="funcs:tick")
+                running = client.stream("tick", 1.5)
+                chunks = iter(running)
+                assert next(chunks) == "running"  # in flight now
                 in_flight: list[InvocationResult] = []
-                thread = threading.Thread(
-                    target=lambda: in_flight.append(client.invoke("sleep", 1.5)))
+
+                def finish() -> None:
+                    assert list(chunks) == []
+                    in_flight.append(running.result())
+
+                thread = threading.Thread(target=finish)
                 thread.start()
-                deadline = time.monotonic() + 10
-                while client.info()["running"] < 1 and time.monotonic() < deadline:
-                    time.sleep(0.01)
                 below = srv.descendants()
                 srv.terminate()
                 assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING

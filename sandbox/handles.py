@@ -330,6 +330,8 @@ class WorkerHandle:
         self.born = _monotonic()
         self.slot = -1
         self.network = False
+        #: pid 1 of its own pid namespace (its death kills all its descendants)
+        self.pid_namespace = False
         self.idle_priority = False
         self.channel_eof = False
         self.violation: str | None = None
@@ -471,7 +473,16 @@ class WorkerHandle:
             self.status.set_result((status, cpu_s, maxrss))
 
     def kill(self) -> None:
-        """SIGKILL the whole worker tree now (does not wait)."""
+        """SIGKILL the whole worker tree now (does not wait).
+
+        A worker that is pid 1 of its own pid namespace takes every process of the namespace
+        with it (the kernel kills them all when their init dies): one signal through the pidfd
+        is the whole kill, and the cgroup kill waits for the clean-up after the death.
+        """
+        if self.pid_namespace and self.alive:
+            with contextlib.suppress(ProcessLookupError, OSError):
+                signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
+                return
         if self.cgroup is not None:
             try:
                 self.cgroup.kill_all()

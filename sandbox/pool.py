@@ -176,6 +176,8 @@ class Pool:
         worker = WorkerHandle(self, zyg, pid, pidfd, parent, out_r, err_r, cgroup)
         worker.slot = slot
         worker.network = network
+        report = zyg.isolation_report
+        worker.pid_namespace = bool(report and report["layers"].get("pid_ns", {}).get("enabled"))
         worker.idle_priority = idle_birth
         self.workers.add(worker)
         try:

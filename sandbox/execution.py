@@ -33,10 +33,6 @@ MEMORY_WATCH_S = 0.01
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
-def _monotonic() -> float:
-    return time.monotonic()
-
-
 ChunkSink = Callable[[bytes], None]
 
 
@@ -90,8 +86,6 @@ class Execution:
             return
         if isinstance(msg, protocol.Result | protocol.Failed):
             self.terminal = msg
-            if isinstance(msg, protocol.Result) and msg.streamed and self.chunk_sink is None:
-                pass
             self._finish()
             return
         self.worker._violate(f"unexpected {type(msg).__name__.lower()!r} message")
@@ -205,7 +199,7 @@ class Execution:
             "ct": self.content_type, "limits": wire_dict(self.limits), "timeout": self.timeout_s,
             "last": self.last,
         }
-        self.started = _monotonic()
+        self.started = time.monotonic()
         if self.timeout_s is not None:
             self._timers.append(self.loop.call_later(self.timeout_s, self._on_deadline))
         if self.limits.memory_bytes is not None and not worker.pool.memory_cgroup:
@@ -333,7 +327,7 @@ def build_result(execution: Execution, *, queue_s: float, startup_s: float, cold
     if terminal is not None:
         cpu_s = cpu_s if cpu_s is not None else terminal.cpu_s
         peak = peak if peak is not None else terminal.rss_bytes
-    run_s = _monotonic() - execution.started
+    run_s = time.monotonic() - execution.started
     return InvocationResult(
         id=execution.id,
         outcome=outcome,

@@ -22,7 +22,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -54,10 +53,6 @@ _READ_SIZE = 256 * 1024
 
 class WorkerStartError(SandboxError):
     """A worker could not be started (the zygote refused, or the worker died at birth)."""
-
-
-def _monotonic() -> float:
-    return time.monotonic()
 
 
 # -- zygote handle ------------------------------------------------------------------------------
@@ -327,7 +322,6 @@ class WorkerHandle:
         self.served = 0
         self.function_key: str | None = None
         self.limits: Limits | None = None
-        self.born = _monotonic()
         self.slot = -1
         self.network = False
         #: pid 1 of its own pid namespace (its death kills all its descendants)
@@ -508,10 +502,7 @@ class WorkerHandle:
             with contextlib.suppress(OSError):
                 os.close(fd)
         self.sock.close()
-        if self.alive:
-            # Keep watching the pidfd: the pool removes the cgroup after the death.
-            pass
-        else:
+        if not self.alive:  # else the pidfd stays watched: the pool reaps after the death
             self._release_pidfd()
 
     def _release_pidfd(self) -> None:

@@ -83,6 +83,7 @@ from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
+from sandbox import _linux
 from sandbox.errors import ConfigurationError, IsolationUnavailable
 
 __all__ = [
@@ -156,6 +157,7 @@ MOUNT_ATTR_RDONLY = 0x1
 MOUNT_ATTR_NOSUID = 0x2
 
 PR_SET_PDEATHSIG = 1
+PR_GET_PDEATHSIG = 2
 PR_GET_DUMPABLE = 3
 PR_SET_DUMPABLE = 4
 PR_GET_SECCOMP = 21
@@ -295,10 +297,7 @@ def _syscall(name: str, *args: Any) -> int:
     return _check(int(_libc.syscall(ctypes.c_long(nr), *args)), name)
 
 
-def _prctl(option: int, arg2: int = 0, arg3: int = 0) -> int:
-    return _check(int(_libc.prctl(ctypes.c_int(option), ctypes.c_ulong(arg2),
-                                  ctypes.c_ulong(arg3), ctypes.c_ulong(0), ctypes.c_ulong(0))),
-                  f"prctl({option})")
+_prctl = _linux.prctl
 
 
 def _unshare(flags: int) -> None:
@@ -793,9 +792,14 @@ def drop_privileges(config: IsolationConfig, ids: WorkerIds) -> None:
         for cap in range(last_cap + 1):
             _prctl(PR_CAPBSET_DROP, cap)
         if ids.change:
+            # The kernel clears the parent-death signal when the credentials change: keep it.
+            death_signal = ctypes.c_int(0)
+            _prctl(PR_GET_PDEATHSIG, ctypes.addressof(death_signal))
             os.setgroups([])
             os.setresgid(ids.gid, ids.gid, ids.gid)
             os.setresuid(ids.uid, ids.uid, ids.uid)
+            if death_signal.value:
+                _prctl(PR_SET_PDEATHSIG, death_signal.value)
         _prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)
         header = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
         data = (_CapData * 2)()
@@ -813,8 +817,7 @@ def landlock_abi() -> int:
         return 0
 
 
-def _threads() -> int:
-    return len(os.listdir("/proc/self/task"))
+_threads = _linux.thread_count
 
 
 def _landlock(config: IsolationConfig, writable: Iterable[str]) -> None:
@@ -1023,8 +1026,11 @@ def apply_layers(config: IsolationConfig, ids: WorkerIds, *,
                  netns_fd: int | None = None,
                  host_namespaces: Mapping[str, int],
                  allowed_fds: Collection[int],
-                 join_cgroups: Callable[[], None] | None = None) -> str:
-    """Every layer in order; ``join_cgroups`` runs after the mounts, before the seal and drop.
+                 join_cgroups: Callable[[], None] | None = None,
+                 after_drop: Callable[[], None] | None = None) -> str:
+    """Every layer in order; ``join_cgroups`` runs after the mounts, before the seal and drop;
+    ``after_drop`` right after the credentials change (e.g. to check that the parent is still
+    there: its death signal could not fire while being re-armed).
 
     ``netns_fd`` is closed after use when it is not in ``allowed_fds``. Returns the tmp dir.
     """
@@ -1036,6 +1042,8 @@ def apply_layers(config: IsolationConfig, ids: WorkerIds, *,
         join_cgroups()
     seal_filesystem(config)
     drop_privileges(config, ids)
+    if after_drop is not None:
+        after_drop()
     restrict(config, writable=[tmp] if config.filesystem else [])
     posture_check(config, ids, host_namespaces=host_namespaces, allowed_fds=allowed_fds)
     return tmp

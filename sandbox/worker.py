@@ -41,7 +41,7 @@ from typing import Any
 
 import msgpack
 
-from sandbox import _linux
+from sandbox import _linux, cgroups
 from sandbox.protocol import HEADER, encode_frame
 
 __all__ = ["Context", "main"]
@@ -157,30 +157,18 @@ def _birth(channel_fd: int, stdout_fd: int, stderr_fd: int, config: Mapping[str,
                             + ((alive_fd,) if alive_fd >= 0 else ()))
 
     def join_cgroups() -> None:
-        for path in config.get("cgroup_procs", ()):
-            with open(path, "w") as f:
-                f.write("0\n")
+        cgroups.join(config.get("cgroup_procs", ()))
 
     isolation_config = config.get("isolation")
     if isolation_config is not None:
         from sandbox import isolation
 
-        cfg = isolation_config
-        ids = isolation.worker_ids(cfg, int(config.get("slot", 0)))
-        # isolation.apply_layers, step by step: the death signal must be set again after the
-        # uid change (setresuid clears it), and checked against the zygote's "alive" pipe.
-        isolation.enter_namespaces(cfg, netns_fd=netns_fd if netns_fd >= 0 else None)
-        if netns_fd >= 0:
-            os.close(netns_fd)
-        tmp = isolation.setup_filesystem(cfg, ids)
-        join_cgroups()
-        isolation.seal_filesystem(cfg)
-        isolation.drop_privileges(cfg, ids)
-        _linux.prctl(_linux.PR_SET_PDEATHSIG, signal.SIGKILL)
-        _exit_if_zygote_gone(alive_fd)
-        isolation.restrict(cfg, writable=[tmp] if cfg.filesystem else [])
-        isolation.posture_check(cfg, ids, host_namespaces=config.get("host_namespaces", {}),
-                                allowed_fds=(0, 1, 2, CHANNEL_FD))
+        ids = isolation.worker_ids(isolation_config, int(config.get("slot", 0)))
+        tmp = isolation.apply_layers(
+            isolation_config, ids, netns_fd=netns_fd if netns_fd >= 0 else None,
+            host_namespaces=config.get("host_namespaces", {}),
+            allowed_fds=(0, 1, 2, CHANNEL_FD), join_cgroups=join_cgroups,
+            after_drop=lambda: _exit_if_zygote_gone(alive_fd))
         _posture.update(uid=os.getuid(), gid=os.getgid(), pid_in_namespace=os.getpid(),
                         tmp=tmp, layers=[layer for layer in isolation.LAYERS
                                          if isolation_config.enabled(layer)])

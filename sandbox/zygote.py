@@ -31,7 +31,7 @@ import signal
 import socket
 import sys
 import traceback
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import msgpack
@@ -192,12 +192,21 @@ class _Zygote:
         self.report = report
         self.netns_fd = netns_fd
         self.host_namespaces: dict[str, int] = {}
+        self.fork: Callable[[], int] = os.fork
+        #: the config of a worker allowed on the network (host netns, INET sockets)
+        self.network_isolation: Any = None
         if isolation_config is not None:
+            import dataclasses
+
             from sandbox import isolation
 
             # The zygote shares the supervisor's namespaces: the posture check compares with
             # these.
             self.host_namespaces = isolation.namespace_ids()
+            if isolation_config.pid_ns:
+                self.fork = isolation.fork_in_new_pid_namespace
+            self.network_isolation = dataclasses.replace(
+                isolation_config, net_ns=False, allow_network=True)
         self.children: set[int] = set()
         # Workers keep the read end; only the zygote holds the write end (each worker closes
         # its inherited copy at birth): end-of-file there means the zygote is gone.
@@ -289,22 +298,11 @@ class _Zygote:
         config = dict(msg["config"])
         config["zygote_pid"] = os.getpid()
         config["alive_fd"] = self.alive_r
-        fork = os.fork
         if self.isolation is not None:
-            from sandbox import isolation
-
-            iso = self.isolation
-            if config.get("network"):
-                # A function allowed on the network: the host's network namespace, and the
-                # seccomp filter lets INET sockets through.
-                import dataclasses
-
-                iso = dataclasses.replace(iso, net_ns=False, allow_network=True)
+            iso = self.network_isolation if config.get("network") else self.isolation
             config["isolation"] = iso
             config["netns_fd"] = self.netns_fd if iso.net_ns else -1
             config["host_namespaces"] = self.host_namespaces
-            if iso.pid_ns:
-                fork = isolation.fork_in_new_pid_namespace
         for stream in (sys.stdout, sys.stderr):
             if stream is not None:
                 stream.flush()
@@ -316,7 +314,7 @@ class _Zygote:
             except OSError:
                 idle = False
         try:
-            pid = fork()
+            pid = self.fork()
         except OSError as exc:
             for fd in fds:
                 os.close(fd)

@@ -31,8 +31,8 @@ _MARK = f"SANDBOX_INSTANCE={SESSION_TAG}/".encode()
 LEFTOVER_GRACE_S = 10.0
 
 
-def marked_processes() -> set[int]:
-    """Pids of live processes started by a sandbox runtime (SANDBOX_INSTANCE in environ)."""
+def processes_with_env(needle: bytes) -> set[int]:
+    """Pids of live (not zombie) processes whose environment block contains ``needle``."""
     found = set()
     for name in os.listdir("/proc"):
         if not name.isdigit():
@@ -44,9 +44,14 @@ def marked_processes() -> set[int]:
                 state = f.read().rpartition(")")[2].split()[0]
         except OSError:
             continue
-        if _MARK in env and state != "Z":
+        if needle in env and state != "Z":
             found.add(int(name))
     return found
+
+
+def marked_processes() -> set[int]:
+    """Pids of live processes started by a runtime of this test session."""
+    return processes_with_env(_MARK)
 
 
 def leftovers(baseline: set[int]) -> set[int]:

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import psutil
+from conftest import processes_with_env  # the suite's conftest (tests/), loaded first
 
 from sandbox import Runtime
 
@@ -95,25 +96,10 @@ def wait_named(name: str, timeout: float = SETTLE_S) -> list[int]:
 
 
 def marked(mark: str) -> set[int]:
-    """Live pids whose environment holds exactly ``SANDBOX_INSTANCE=<mark>``."""
-    needle = f"SANDBOX_INSTANCE={mark}\0".encode()
-    prefix = mark.endswith("/")
-    if prefix:
-        needle = f"SANDBOX_INSTANCE={mark}".encode()
-    found = set()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/environ", "rb") as f:
-                env = f.read()
-            with open(f"/proc/{entry}/stat") as f:
-                state = f.read().rpartition(")")[2].split()[0]
-        except OSError:
-            continue
-        if state != "Z" and needle in env:
-            found.add(int(entry))
-    return found
+    """Live pids whose environment holds exactly ``SANDBOX_INSTANCE=<mark>`` (a prefix of the
+    value when ``mark`` ends with ``/``)."""
+    needle = f"SANDBOX_INSTANCE={mark}".encode()
+    return processes_with_env(needle if mark.endswith("/") else needle + b"\0")
 
 
 def alive(pid: int) -> bool:

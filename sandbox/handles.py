@@ -22,6 +22,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -327,6 +328,10 @@ class WorkerHandle:
         #: pid 1 of its own pid namespace (its death kills all its descendants)
         self.pid_namespace = False
         self.idle_priority = False
+        #: ``time.monotonic_ns()`` when the supervisor asked for this worker, and when its
+        #: ``ready`` arrived (with the worker's own phase marks: :meth:`birth_phases`)
+        self.requested_ns = 0
+        self.ready_ns = 0
         self.channel_eof = False
         self.violation: str | None = None
         self._reading = False
@@ -342,6 +347,20 @@ class WorkerHandle:
     @property
     def alive(self) -> bool:
         return not self.dead.done()
+
+    def birth_phases(self) -> list[tuple[str, float]]:
+        """Where this worker's birth went, in seconds per phase, in order: ``fork`` (the
+        request until the child ran: queueing in the zygote and the fork), the worker's own
+        phases (:mod:`sandbox.worker`), and ``report`` (its ``ready`` reaching us)."""
+        if not self.ready.done() or self.ready.exception() is not None or not self.requested_ns:
+            return []
+        out: list[tuple[str, float]] = []
+        last = self.requested_ns
+        for name, ns in self.ready.result().phases:
+            out.append(("fork" if name == "forked" else name, max(0, ns - last) / 1e9))
+            last = ns
+        out.append(("report", max(0, self.ready_ns - last) / 1e9))
+        return out
 
     # reading ----------------------------------------------------------------------------------
     def resume_reading(self) -> None:
@@ -386,6 +405,7 @@ class WorkerHandle:
             if self.ready.done():
                 self._violate("a second 'ready' message")
             else:
+                self.ready_ns = time.monotonic_ns()
                 self.ready.set_result(msg)
             return
         if self.execution is None:

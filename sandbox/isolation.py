@@ -932,7 +932,8 @@ def _seccomp(config: IsolationConfig) -> None:
         raise IsolationUnavailable(f"seccomp: thread {tid} could not be synchronised")
 
 
-def restrict(config: IsolationConfig, *, writable: Collection[str] = ()) -> None:
+def restrict(config: IsolationConfig, *, writable: Collection[str] = (),
+             mark: Callable[[str], None] | None = None) -> None:
     """Layers 4 and 5: Landlock (writes only under ``writable``), then seccomp with TSYNC.
 
     Refuses to run with more than one thread: Landlock before ABI 8 restricts only the
@@ -942,8 +943,12 @@ def restrict(config: IsolationConfig, *, writable: Collection[str] = ()) -> None
         raise IsolationUnavailable("landlock/seccomp: the worker has more than one thread")
     if config.landlock:
         _landlock(config, writable)
+        if mark is not None:
+            mark("landlock")
     if config.seccomp:
         _seccomp(config)
+        if mark is not None:
+            mark("seccomp")
 
 
 def _status_text(path: str) -> dict[str, str]:
@@ -1027,25 +1032,37 @@ def apply_layers(config: IsolationConfig, ids: WorkerIds, *,
                  host_namespaces: Mapping[str, int],
                  allowed_fds: Collection[int],
                  join_cgroups: Callable[[], None] | None = None,
-                 after_drop: Callable[[], None] | None = None) -> str:
+                 after_drop: Callable[[], None] | None = None,
+                 mark: Callable[[str], None] | None = None) -> str:
     """Every layer in order; ``join_cgroups`` runs after the mounts, before the seal and drop;
     ``after_drop`` right after the credentials change (e.g. to check that the parent is still
-    there: its death signal could not fire while being re-armed).
+    there: its death signal could not fire while being re-armed); ``mark(phase)`` after each
+    step (the birth's phase timestamps).
 
     ``netns_fd`` is closed after use when it is not in ``allowed_fds``. Returns the tmp dir.
     """
+    def step(phase: str) -> None:
+        if mark is not None:
+            mark(phase)
+
     enter_namespaces(config, netns_fd=netns_fd)
     if netns_fd is not None and netns_fd not in allowed_fds:
         os.close(netns_fd)
+    step("namespaces")
     tmp = setup_filesystem(config, ids)
+    step("mounts")
     if join_cgroups is not None:
         join_cgroups()
+        step("cgroups")
     seal_filesystem(config)
+    step("seal")
     drop_privileges(config, ids)
     if after_drop is not None:
         after_drop()
-    restrict(config, writable=[tmp] if config.filesystem else [])
+    step("credentials")
+    restrict(config, writable=[tmp] if config.filesystem else [], mark=mark)
     posture_check(config, ids, host_namespaces=host_namespaces, allowed_fds=allowed_fds)
+    step("posture")
     return tmp
 
 

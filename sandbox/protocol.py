@@ -180,6 +180,8 @@ class Ready:
     pid: int
     rss_bytes: int
     posture: dict[str, Any]
+    #: the birth's phases in order: (name, ``time.monotonic_ns()`` when it ended)
+    phases: tuple[tuple[str, int], ...] = ()
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -247,6 +249,23 @@ def _nonneg_float(msg: Mapping[str, Any], name: str) -> float:
     return float(value)
 
 
+_MAX_PHASES: Final = 32
+
+
+def _phases(value: Any) -> tuple[tuple[str, int], ...]:
+    if not isinstance(value, list) or len(value) > _MAX_PHASES:
+        raise ProtocolError("field 'phases' must be a list of at most "
+                            f"{_MAX_PHASES} [name, ns] pairs")
+    out = []
+    for item in value:
+        if (not isinstance(item, list) or len(item) != 2 or not isinstance(item[0], str)
+                or len(item[0]) > 32 or isinstance(item[1], bool)
+                or not isinstance(item[1], int) or not 0 <= item[1] < 2**63):
+            raise ProtocolError(f"field 'phases' has a bad entry: {item!r:.80}")
+        out.append((item[0], item[1]))
+    return tuple(out)
+
+
 def decode_worker_message(body: bytes, *, max_bytes: int) -> WorkerMessage:
     """Decode and validate one frame body from a worker.
 
@@ -278,5 +297,5 @@ def decode_worker_message(body: bytes, *, max_bytes: int) -> WorkerMessage:
     if kind == "ready":
         posture = _field(msg, "posture", dict)
         return Ready(pid=_nonneg_int(msg, "pid"), rss_bytes=_nonneg_int(msg, "rss"),
-                     posture=posture)
+                     posture=posture, phases=_phases(msg.get("phases", [])))
     raise ProtocolError(f"unknown message type {kind!r}")

@@ -736,7 +736,8 @@ class AsyncRuntime:
             zyg = pool.zygote
             pools[name] = {**sizes, "zygote_pid": zyg.pid if zyg is not None else None,
                            "zygote_rss_bytes": zyg.rss_bytes if zyg is not None else None,
-                           "zygote_starts": pool.zygote_starts}
+                           "zygote_starts": pool.zygote_starts,
+                           "births": pool.birth_stats()}
         return {
             "version": __version__,
             "profiles": self.profiles,

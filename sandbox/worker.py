@@ -118,6 +118,15 @@ def _send(sock: socket.socket, message: Mapping[str, Any]) -> None:
 
 # -- birth --------------------------------------------------------------------------------------
 
+#: The birth's phase timestamps (``time.monotonic_ns()``, one system-wide clock, so the
+#: supervisor can place them beside its own): sent with ``ready``.
+_phases: list[list[Any]] = []
+
+
+def _mark(phase: str) -> None:
+    _phases.append([phase, time.monotonic_ns()])
+
+
 def _birth(channel_fd: int, stdout_fd: int, stderr_fd: int, config: Mapping[str, Any]) -> None:
     os.setsid()
     if config.get("idle_birth"):
@@ -155,6 +164,7 @@ def _birth(channel_fd: int, stdout_fd: int, stderr_fd: int, config: Mapping[str,
     os.dup2(moved[channel_fd], CHANNEL_FD)
     _linux.close_fds_except((0, 1, 2, CHANNEL_FD) + ((netns_fd,) if netns_fd >= 0 else ())
                             + ((alive_fd,) if alive_fd >= 0 else ()))
+    _mark("process")
 
     def join_cgroups() -> None:
         cgroups.join(config.get("cgroup_procs", ()))
@@ -168,13 +178,14 @@ def _birth(channel_fd: int, stdout_fd: int, stderr_fd: int, config: Mapping[str,
             isolation_config, ids, netns_fd=netns_fd if netns_fd >= 0 else None,
             host_namespaces=config.get("host_namespaces", {}),
             allowed_fds=(0, 1, 2, CHANNEL_FD), join_cgroups=join_cgroups,
-            after_drop=lambda: _exit_if_zygote_gone(alive_fd))
+            after_drop=lambda: _exit_if_zygote_gone(alive_fd), mark=_mark)
         _posture.update(uid=os.getuid(), gid=os.getgid(), pid_in_namespace=os.getpid(),
                         tmp=tmp, layers=[layer for layer in isolation.LAYERS
                                          if isolation_config.enabled(layer)])
     else:
         join_cgroups()
         _exit_if_zygote_gone(alive_fd)
+        _mark("cgroups")
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
 
 
@@ -459,12 +470,16 @@ def main(channel_fd: int, stdout_fd: int, stderr_fd: int, config: Mapping[str, A
     """The worker's whole life. Called in the zygote's child; never returns."""
     code = 0
     try:
+        if config.get("received_ns"):
+            _phases.append(["request", int(config["received_ns"])])
+        _mark("forked")
         _birth(channel_fd, stdout_fd, stderr_fd, config)
         sock = socket.socket(fileno=CHANNEL_FD)
         sock.setblocking(True)
         _warm_up(config)
+        _mark("warm_up")
         _send(sock, {"t": "ready", "pid": os.getpid(), "rss": _rss_bytes(),
-                     "posture": _posture})
+                     "posture": _posture, "phases": _phases})
         gc.enable()
         while True:
             try:

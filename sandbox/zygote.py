@@ -30,6 +30,7 @@ import selectors
 import signal
 import socket
 import sys
+import time
 import traceback
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -281,6 +282,7 @@ class _Zygote:
         return True
 
     def _spawn(self, msg: dict[str, Any], fds: list[int]) -> None:
+        received_ns = time.monotonic_ns()
         token = msg["token"]
         if len(fds) != 3:
             for fd in fds:
@@ -297,6 +299,7 @@ class _Zygote:
             return
         config = dict(msg["config"])
         config["zygote_pid"] = os.getpid()
+        config["received_ns"] = received_ns
         config["alive_fd"] = self.alive_r
         if self.isolation is not None:
             iso = self.network_isolation if config.get("network") else self.isolation

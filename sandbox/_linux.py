@@ -35,21 +35,22 @@ def prctl(option: int, arg2: int = 0, arg3: int = 0, arg4: int = 0, arg5: int = 
 
 
 def close_fds_except(keep: Iterable[int]) -> None:
-    """Close every open file descriptor not in ``keep``."""
-    keep_set = set(keep)
-    try:
-        fds = [int(name) for name in os.listdir("/proc/self/fd")]
-    except OSError:  # no /proc: fall back to the rlimit
-        import resource
+    """Close every open file descriptor not in ``keep``.
 
-        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-        fds = list(range(min(soft, 65536)))
-    for fd in fds:
-        if fd not in keep_set:
-            try:
-                os.close(fd)
-            except OSError:
-                pass  # the listing's own fd, already closed
+    ``os.closerange`` is one ``close_range(2)`` system call per gap on Linux 5.9+ (a loop of
+    ``close`` before), and touches no Python objects per descriptor: a listing of
+    ``/proc/self/fd`` would cost a forked child a page fault per object it creates.
+    """
+    low = 0
+    for fd in sorted(set(keep)):
+        if fd > low:
+            os.closerange(low, fd)
+        low = max(low, fd + 1)
+    os.closerange(low, _FD_CEILING)
+
+
+#: Above any descriptor number a process can have (``fs.nr_open`` caps RLIMIT_NOFILE).
+_FD_CEILING = 1 << 30
 
 
 def thread_count() -> int:

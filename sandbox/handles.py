@@ -348,18 +348,20 @@ class WorkerHandle:
     def alive(self) -> bool:
         return not self.dead.done()
 
-    def birth_phases(self) -> list[tuple[str, float]]:
-        """Where this worker's birth went, in seconds per phase, in order: ``fork`` (the
-        request until the child ran: queueing in the zygote and the fork), the worker's own
-        phases (:mod:`sandbox.worker`), and ``report`` (its ``ready`` reaching us)."""
+    def birth_phases(self) -> list[tuple[str, float, int]]:
+        """Where this worker's birth went, in order: (phase, seconds, minor page faults in
+        it). ``request`` is the spawn request reaching the zygote, ``fork`` the zygote's fork
+        until the child runs, then the worker's own phases (:mod:`sandbox.worker`), and
+        ``report`` its ``ready`` reaching us."""
         if not self.ready.done() or self.ready.exception() is not None or not self.requested_ns:
             return []
-        out: list[tuple[str, float]] = []
-        last = self.requested_ns
-        for name, ns in self.ready.result().phases:
-            out.append(("fork" if name == "forked" else name, max(0, ns - last) / 1e9))
-            last = ns
-        out.append(("report", max(0, self.ready_ns - last) / 1e9))
+        out: list[tuple[str, float, int]] = []
+        last, faults = self.requested_ns, 0
+        for name, ns, minflt in self.ready.result().phases:
+            out.append(("fork" if name == "forked" else name, max(0, ns - last) / 1e9,
+                         max(0, minflt - faults)))
+            last, faults = ns, minflt
+        out.append(("report", max(0, self.ready_ns - last) / 1e9, 0))
         return out
 
     # reading ----------------------------------------------------------------------------------

@@ -12,17 +12,22 @@ Who calls what, in order::
     worker (the child; pid 1 of its own pid namespace)
         os.setsid(); PR_SET_PDEATHSIG; close fds                      # caller's business
         ids = worker_ids(cfg, slot)
-        enter_namespaces(cfg, netns_fd=netns_fd)      1. mount, net (shared), IPC, UTS (+ user)
-        setup_filesystem(cfg, ids)                    2a. private tmpfs (cwd, HOME), /proc, /dev/shm
         <join cgroups: write "0" to each cgroup.procs>    still root, /sys still writable
-        seal_filesystem(cfg)                          2b. everything but tmp read-only
+        enter_namespaces(cfg, netns_fd=netns_fd)      1. mount (a copy of the zygote's sealed
+                                                         template), net (shared), IPC, UTS
+        setup_filesystem(cfg, ids)                    2a. private tmpfs (cwd, HOME), /proc
+        seal_filesystem(cfg)                          2b. everything but tmp read-only (done
+                                                          once, in the template, as root)
         <rlimits>                                          (either side of the drop)
         drop_privileges(cfg, ids)                     3. own uid/gid, no groups, no caps, NNP
         restrict(cfg, writable=[tmp])                 4. Landlock, 5. seccomp (TSYNC)
         posture_check(cfg, ids, host_namespaces=host_ns, allowed_fds=...)   6.
         -> "ready"
 
-:func:`apply_layers` runs 1 to 6 in that order with a ``join_cgroups`` hook between 2a and 2b.
+:func:`apply_layers` runs 1 to 6 in that order after a ``join_cgroups`` hook. The zygote
+calls :func:`prepare` once: as root it builds the template mount namespace (private, exposed
+paths reachable, ``/dev/shm`` covered, sealed read-only) that workers copy, the seccomp
+programs, and empties its own capability bounding set.
 Each function applies exactly what its config says and raises ``OSError`` /
 :class:`~sandbox.errors.IsolationUnavailable` if it cannot: best-effort is decided once, by
 :func:`detect`, whose ``IsolationReport.effective`` is the config with unavailable layers
@@ -72,6 +77,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import json
 import os
 import platform
@@ -104,11 +110,13 @@ __all__ = [
     "landlock_abi",
     "namespace_ids",
     "posture_check",
+    "prepare",
     "reap_children",
     "restrict",
     "seal_filesystem",
     "seccomp_filter",
     "setup_filesystem",
+    "template_fd",
     "worker_ids",
 ]
 
@@ -628,6 +636,10 @@ def enter_namespaces(config: IsolationConfig, *, netns_fd: int | None = None) ->
     if config.pid_ns and os.getpid() != 1:
         raise IsolationUnavailable("pid_ns: this worker is not pid 1 of its own pid namespace; "
                                    "fork it with fork_in_new_pid_namespace()")
+    template = _template_for(config)
+    if template is not None:
+        # The zygote's sealed template (see prepare()): join it, then copy it below.
+        _setns(template.fd, CLONE_NEWNS)
     flags = 0
     for layer in ("mount_ns", "ipc_ns", "uts_ns"):
         if config.enabled(layer):
@@ -658,19 +670,58 @@ def setup_filesystem(config: IsolationConfig, ids: WorkerIds) -> str:
     """
     if not config.filesystem:
         return os.getcwd()
+    template = _template_for(config)
+    if template is not None:
+        # A copy of the sealed template (enter_namespaces): everything is private and
+        # read-only already; add what must be this worker's own, each mount born sealed.
+        if config.pid_ns:
+            _mount("proc", "/proc", "proc", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC)
+        return _private_tmp(config, ids, seal=True)
     _mount(None, "/", None, MS_REC | MS_PRIVATE)
     _expose(config.expose)
     if config.pid_ns:
         # A proc of *our* pid namespace: the host's processes disappear from /proc.
         _mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    _hide_dev_shm(config)
+    return _private_tmp(config, ids, seal=False)
+
+
+_under_tmp: dict[tuple[tuple[str, ...], str], tuple[str, ...]] = {}
+
+
+def _exposed_under_tmp(config: IsolationConfig) -> tuple[str, ...]:
+    """The outermost exposed paths under the tmp dir (resolved once per zygote: realpath
+    walks every component, and a birth should not)."""
+    key = (config.expose, config.tmp_dir)
+    found = _under_tmp.get(key)
+    if found is None:
+        real_tmp = os.path.realpath(config.tmp_dir)
+        under = sorted({os.path.realpath(p) for p in config.expose
+                        if os.path.realpath(p).startswith(real_tmp + "/")
+                        and os.path.exists(p)})
+        found = _under_tmp[key] = tuple(
+            p for p in under if not any(p.startswith(q + "/") for q in under if q != p))
+    return found
+
+
+def _hide_dev_shm(config: IsolationConfig) -> None:
+    if os.path.isdir("/dev/shm") and os.path.realpath(config.tmp_dir) != "/dev/shm":
+        # Writes to the shared /dev/shm outlive their writer, charged to nobody: hide it
+        # under an empty, read-only, one-inode tmpfs (POSIX shm/semaphores then fail).
+        _mount("tmpfs", "/dev/shm", "tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC,
+               "size=4k,nr_inodes=1,mode=0555")
+
+
+def _private_tmp(config: IsolationConfig, ids: WorkerIds, *, seal: bool) -> str:
+    """Mount the worker's private tmpfs (cwd, HOME, TMPDIR) and bind back what it covers.
+
+    ``seal``: the binds are made read-only and nosuid here (no :func:`seal_filesystem`
+    follows, as in a copy of the sealed template).
+    """
     tmp = config.tmp_dir
     # Exposed paths under the tmp dir (a checkout or venv in /tmp, say) would vanish under the
     # private tmpfs: hold them open, and bind them back (read-only once sealed) on top of it.
-    real_tmp = os.path.realpath(tmp)
-    under = sorted({os.path.realpath(p) for p in config.expose
-                    if os.path.realpath(p).startswith(real_tmp + "/") and os.path.exists(p)})
-    outermost = [p for p in under if not any(p.startswith(q + "/") for q in under if q != p)]
-    held = {p: os.open(p, os.O_PATH | os.O_CLOEXEC) for p in outermost}
+    held = {p: os.open(p, os.O_PATH | os.O_CLOEXEC) for p in _exposed_under_tmp(config)}
     try:
         _mount("tmpfs", tmp, "tmpfs", MS_NOSUID | MS_NODEV,
                f"size={config.tmp_size_bytes},nr_inodes={config.tmp_max_inodes},mode=0700,"
@@ -682,14 +733,11 @@ def setup_filesystem(config: IsolationConfig, ids: WorkerIds) -> str:
                 os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
                 os.close(os.open(path, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o444))
             _mount(f"/proc/self/fd/{fd}", path, None, MS_BIND | MS_REC)
+            if seal:
+                _seal(path, recursive=True)
     finally:
         for fd in held.values():
             os.close(fd)
-    if os.path.isdir("/dev/shm") and os.path.realpath(tmp) != "/dev/shm":
-        # Writes to the shared /dev/shm outlive their writer, charged to nobody: hide it
-        # under an empty, read-only, one-inode tmpfs (POSIX shm/semaphores then fail).
-        _mount("tmpfs", "/dev/shm", "tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC,
-               "size=4k,nr_inodes=1,mode=0555")
     os.chdir(tmp)
     os.environ["HOME"] = tmp
     os.environ["TMPDIR"] = tmp
@@ -746,8 +794,8 @@ def seal_filesystem(config: IsolationConfig) -> None:
     point (deepest first, keeping each mount's nodev/noexec). Join cgroups *before* this:
     /sys/fs/cgroup is read-only afterwards.
     """
-    if not config.filesystem:
-        return
+    if not config.filesystem or _template_for(config) is not None:
+        return  # a copy of the sealed template: sealed already (setup_filesystem)
     attr = _MountAttr(attr_set=MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID)
     clear = _MountAttr(attr_clr=MOUNT_ATTR_RDONLY)
     try:
@@ -787,10 +835,9 @@ def drop_privileges(config: IsolationConfig, ids: WorkerIds) -> None:
     ``/proc/<supervisor>/mem``; dumpable 0 also hides our own /proc files from our uid).
     """
     if config.credentials:
-        with open("/proc/sys/kernel/cap_last_cap") as f:
-            last_cap = int(f.read())
-        for cap in range(last_cap + 1):
-            _prctl(PR_CAPBSET_DROP, cap)
+        if not _bounding_set_dropped:
+            for cap in range(_last_cap() + 1):
+                _prctl(PR_CAPBSET_DROP, cap)
         if ids.change:
             # The kernel clears the parent-death signal when the credentials change: keep it.
             death_signal = ctypes.c_int(0)
@@ -806,6 +853,124 @@ def drop_privileges(config: IsolationConfig, ids: WorkerIds) -> None:
         _syscall("capset", ctypes.byref(header), data)
         _prctl(PR_SET_DUMPABLE, 0)
     _prctl(PR_SET_NO_NEW_PRIVS, 1)
+
+
+_cap_last: list[int] = []
+#: True once :func:`prepare` emptied the bounding set of this process (the zygote): its
+#: forks inherit the empty set and need not drop 41 capabilities one by one.
+_bounding_set_dropped = False
+
+
+def _last_cap() -> int:
+    if not _cap_last:
+        with open("/proc/sys/kernel/cap_last_cap") as f:
+            _cap_last.append(int(f.read()))
+    return _cap_last[0]
+
+
+def _seal(path: str, *, recursive: bool) -> None:
+    attr = _MountAttr(attr_set=MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID)
+    _syscall("mount_setattr", ctypes.c_int(AT_FDCWD), os.fsencode(path),
+             ctypes.c_uint(AT_RECURSIVE if recursive else 0), ctypes.byref(attr),
+             ctypes.c_size_t(ctypes.sizeof(attr)))
+
+
+@dataclass(frozen=True)
+class _Template:
+    """A sealed mount namespace held open by ``fd``, built for one filesystem view."""
+
+    fd: int
+    key: tuple[Any, ...]
+
+
+_template: _Template | None = None
+
+
+def _template_key(config: IsolationConfig) -> tuple[Any, ...]:
+    return (config.expose, config.tmp_dir)
+
+
+def _template_for(config: IsolationConfig) -> _Template | None:
+    """The zygote's template, if it was built for this config's filesystem view."""
+    if _template is None or not config.filesystem or not config.mount_ns:
+        return None
+    return _template if _template.key == _template_key(config) else None
+
+
+def template_fd() -> int:
+    """The template's fd (a worker keeps it open until it has joined), or -1."""
+    return _template.fd if _template is not None else -1
+
+
+def _build_template(config: IsolationConfig) -> _Template:
+    """Build, in a short-lived child, the mount namespace every worker starts from: private
+    propagation, the exposed paths reachable, ``/dev/shm`` covered, and everything sealed
+    read-only and nosuid (what :func:`setup_filesystem` and :func:`seal_filesystem` would do
+    in each worker). The child waits until we hold its namespace open, then exits; the
+    namespace lives as long as the fd (the zygote's life)."""
+    report_r, report_w = os.pipe()
+    go_r, go_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - runs in the child
+        code = 1
+        try:
+            os.close(report_r)
+            os.close(go_w)
+            try:
+                _unshare(CLONE_NEWNS)
+                _mount(None, "/", None, MS_REC | MS_PRIVATE)
+                _expose(config.expose)
+                _hide_dev_shm(config)
+                _seal("/", recursive=True)
+                os.write(report_w, b"ok")
+            except BaseException as exc:
+                os.write(report_w, f"{type(exc).__name__}: {exc}".encode()[:4000])
+            os.read(go_r, 1)
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(report_w)
+    os.close(go_r)
+    try:
+        answer = os.read(report_r, 4096)
+        if answer != b"ok":
+            raise IsolationUnavailable("filesystem: cannot build the template mount "
+                                       f"namespace: {answer.decode(errors='replace')}")
+        opened = os.open(f"/proc/{pid}/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
+        # Above 0-3, which a worker's birth rearranges (stdio and its channel).
+        fd = fcntl.fcntl(opened, fcntl.F_DUPFD_CLOEXEC, 10)
+        os.close(opened)
+    finally:
+        os.close(report_r)
+        os.close(go_w)  # the child exits
+        os.waitpid(pid, 0)
+    return _Template(fd, _template_key(config))
+
+
+def prepare(config: IsolationConfig) -> None:
+    """Once per zygote, before its first fork: do what every worker would otherwise repeat.
+
+    Builds the seccomp programs and reads ``cap_last_cap``. As root with ``filesystem``, it
+    builds the sealed template mount namespace that workers copy (:func:`_build_template`):
+    a birth then mounts only its own ``/proc`` and ``/tmp``. As root with ``credentials``, it
+    also empties the zygote's own capability bounding set: the zygote keeps its effective
+    and permitted capabilities (it still creates namespaces and mounts for its workers), it
+    never executes a program, and every worker starts with the empty set it would otherwise
+    make itself (the posture check still verifies ``CapBnd`` 0 in each).
+    """
+    global _bounding_set_dropped, _template
+    _last_cap()
+    if config.filesystem:
+        _exposed_under_tmp(config)
+    if config.filesystem and config.mount_ns and os.geteuid() == 0 and _template is None:
+        _template = _build_template(config)
+    if config.seccomp:
+        _seccomp_program(config.allow_network)
+        _seccomp_program(True)
+    if config.credentials and os.geteuid() == 0 and not _bounding_set_dropped:
+        for cap in range(_last_cap() + 1):
+            _prctl(PR_CAPBSET_DROP, cap)
+        _bounding_set_dropped = True
 
 
 def landlock_abi() -> int:
@@ -921,10 +1086,23 @@ def seccomp_filter(*, allow_network: bool) -> list[tuple[int, int, int, int]]:
     return prog
 
 
+#: Loaded seccomp programs by ``allow_network``: built once (in the zygote, by
+#: :func:`prepare`) and inherited by every fork, so a birth only loads one.
+_seccomp_programs: dict[bool, tuple[Any, _SockFprog]] = {}
+
+
+def _seccomp_program(allow_network: bool) -> _SockFprog:
+    cached = _seccomp_programs.get(allow_network)
+    if cached is None:
+        prog = seccomp_filter(allow_network=allow_network)
+        insns = (_SockFilter * len(prog))(*(_SockFilter(*insn) for insn in prog))
+        fprog = _SockFprog(len(prog), ctypes.cast(insns, ctypes.POINTER(_SockFilter)))
+        cached = _seccomp_programs[allow_network] = (insns, fprog)
+    return cached[1]
+
+
 def _seccomp(config: IsolationConfig) -> None:
-    prog = seccomp_filter(allow_network=config.allow_network)
-    insns = (_SockFilter * len(prog))(*(_SockFilter(*insn) for insn in prog))
-    fprog = _SockFprog(len(prog), ctypes.cast(insns, ctypes.POINTER(_SockFilter)))
+    fprog = _seccomp_program(config.allow_network)
     _prctl(PR_SET_NO_NEW_PRIVS, 1)
     tid = _syscall("seccomp", ctypes.c_uint(SECCOMP_SET_MODE_FILTER),
                    ctypes.c_uint(SECCOMP_FILTER_FLAG_TSYNC), ctypes.byref(fprog))
@@ -1017,11 +1195,12 @@ def posture_check(config: IsolationConfig, ids: WorkerIds, *,
     if extra:
         bad.append(f"fds: {extra} open beyond the allowed {sorted(allowed_fds)}")
     if config.filesystem:
-        points = dict(_mount_points())
-        if "ro" not in points.get("/", set()):
+        # statvfs reports the flags of the mount a path is on (as mountinfo does, without
+        # parsing it): / must be read-only, tmp a mount of its own and writable.
+        if not os.statvfs("/").f_flag & os.ST_RDONLY:
             bad.append("filesystem: / is not read-only")
         tmp = os.path.normpath(config.tmp_dir)
-        if "rw" not in points.get(tmp, set()):
+        if not os.path.ismount(tmp) or os.statvfs(tmp).f_flag & os.ST_RDONLY:
             bad.append(f"filesystem: no private writable mount at {tmp}")
     if bad:
         raise PostureError(bad)
@@ -1034,7 +1213,8 @@ def apply_layers(config: IsolationConfig, ids: WorkerIds, *,
                  join_cgroups: Callable[[], None] | None = None,
                  after_drop: Callable[[], None] | None = None,
                  mark: Callable[[str], None] | None = None) -> str:
-    """Every layer in order; ``join_cgroups`` runs after the mounts, before the seal and drop;
+    """Every layer in order; ``join_cgroups`` runs first (the host's cgroupfs is read-only
+    in our mount namespace);
     ``after_drop`` right after the credentials change (e.g. to check that the parent is still
     there: its death signal could not fire while being re-armed); ``mark(phase)`` after each
     step (the birth's phase timestamps).
@@ -1045,15 +1225,19 @@ def apply_layers(config: IsolationConfig, ids: WorkerIds, *,
         if mark is not None:
             mark(phase)
 
+    if join_cgroups is not None:
+        # First, while the host's /sys/fs/cgroup is still reachable and writable.
+        join_cgroups()
+        step("cgroups")
     enter_namespaces(config, netns_fd=netns_fd)
     if netns_fd is not None and netns_fd not in allowed_fds:
         os.close(netns_fd)
+    template = template_fd()
+    if template >= 0 and template not in allowed_fds:
+        os.close(template)
     step("namespaces")
     tmp = setup_filesystem(config, ids)
     step("mounts")
-    if join_cgroups is not None:
-        join_cgroups()
-        step("cgroups")
     seal_filesystem(config)
     step("seal")
     drop_privileges(config, ids)

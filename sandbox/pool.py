@@ -88,8 +88,8 @@ class Pool:
         self.closed = False
         self.zygote_starts = 0
         self.births = 0
-        self._birth_records: collections.deque[tuple[float, list[tuple[str, float]]]] = \
-            collections.deque(maxlen=1024)
+        self._birth_records: collections.deque[
+            tuple[float, list[tuple[str, float, int]]]] = collections.deque(maxlen=1024)
         self._names = itertools.count(1)
         self._refill_tasks: set[asyncio.Task[None]] = set()
         self._refill_failures = 0
@@ -220,8 +220,8 @@ class Pool:
 
     def birth_stats(self) -> dict[str, Any]:
         """Births so far, and where the recent ones (up to 1024) spent their time: per phase
-        in the order a birth goes through them, p50/p90/p99 in milliseconds, plus the total
-        from the request to the ``ready`` message."""
+        in the order a birth goes through them, p50/p90/p99 in milliseconds and the median
+        page faults, plus the total from the request to the ``ready`` message."""
         records = list(self._birth_records)
 
         def summary(values: list[float]) -> dict[str, float]:
@@ -231,14 +231,19 @@ class Pool:
                     for q in (50, 90, 99)}
 
         phases: dict[str, list[float]] = {}
+        faults: dict[str, list[int]] = {}
         for _, parts in records:
-            for name, seconds in parts:
+            for name, seconds, minflt in parts:
                 phases.setdefault(name, []).append(seconds)
+                faults.setdefault(name, []).append(minflt)
         return {
             "births": self.births,
             "sampled": len(records),
             "total_ms": summary([total for total, _ in records]) if records else {},
             "phases_ms": {name: summary(values) for name, values in phases.items()},
+            # minor (mostly copy-on-write) page faults per phase, median
+            "phase_faults": {name: sorted(values)[len(values) // 2]
+                             for name, values in faults.items()},
         }
 
     async def acquire(self, fn: FunctionInfo, limits: Limits) -> tuple[WorkerHandle, bool, bool]:

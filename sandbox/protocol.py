@@ -180,8 +180,9 @@ class Ready:
     pid: int
     rss_bytes: int
     posture: dict[str, Any]
-    #: the birth's phases in order: (name, ``time.monotonic_ns()`` when it ended)
-    phases: tuple[tuple[str, int], ...] = ()
+    #: the birth's phases in order: (name, ``time.monotonic_ns()`` when it ended, the
+    #: worker's minor page faults so far: copy-on-write faults are most of a birth's cost)
+    phases: tuple[tuple[str, int, int], ...] = ()
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -252,17 +253,17 @@ def _nonneg_float(msg: Mapping[str, Any], name: str) -> float:
 _MAX_PHASES: Final = 32
 
 
-def _phases(value: Any) -> tuple[tuple[str, int], ...]:
+def _phases(value: Any) -> tuple[tuple[str, int, int], ...]:
     if not isinstance(value, list) or len(value) > _MAX_PHASES:
         raise ProtocolError("field 'phases' must be a list of at most "
-                            f"{_MAX_PHASES} [name, ns] pairs")
+                            f"{_MAX_PHASES} [name, ns, faults] entries")
     out = []
     for item in value:
-        if (not isinstance(item, list) or len(item) != 2 or not isinstance(item[0], str)
-                or len(item[0]) > 32 or isinstance(item[1], bool)
-                or not isinstance(item[1], int) or not 0 <= item[1] < 2**63):
+        if (not isinstance(item, list) or len(item) != 3 or not isinstance(item[0], str)
+                or len(item[0]) > 32
+                or not all(type(v) is int and 0 <= v < 2**63 for v in item[1:])):
             raise ProtocolError(f"field 'phases' has a bad entry: {item!r:.80}")
-        out.append((item[0], item[1]))
+        out.append((item[0], item[1], item[2]))
     return tuple(out)
 
 

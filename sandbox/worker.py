@@ -124,7 +124,10 @@ _phases: list[list[Any]] = []
 
 
 def _mark(phase: str) -> None:
-    _phases.append([phase, time.monotonic_ns()])
+    _phases.append([phase, time.monotonic_ns(), resource.getrusage(_SELF).ru_minflt])
+
+
+_SELF = resource.RUSAGE_SELF
 
 
 def _birth(channel_fd: int, stdout_fd: int, stderr_fd: int, config: Mapping[str, Any]) -> None:
@@ -162,8 +165,14 @@ def _birth(channel_fd: int, stdout_fd: int, stderr_fd: int, config: Mapping[str,
     os.dup2(moved[stdout_fd], 1)
     os.dup2(moved[stderr_fd], 2)
     os.dup2(moved[channel_fd], CHANNEL_FD)
+    template_fd = -1
+    if config.get("isolation") is not None:
+        from sandbox import isolation
+
+        template_fd = isolation.template_fd()  # the zygote's; closed once joined
     _linux.close_fds_except((0, 1, 2, CHANNEL_FD) + ((netns_fd,) if netns_fd >= 0 else ())
-                            + ((alive_fd,) if alive_fd >= 0 else ()))
+                            + ((alive_fd,) if alive_fd >= 0 else ())
+                            + ((template_fd,) if template_fd >= 0 else ()))
     _mark("process")
 
     def join_cgroups() -> None:
@@ -447,6 +456,8 @@ class _Discard:
 
 
 _WARM_UP_SOURCE = "def handler(event, context):\n    return [event, context.invocation_id]\n"
+#: Compiled when the zygote imports this module, so no birth compiles it again.
+_WARM_UP_CODE = marshal.dumps(compile(_WARM_UP_SOURCE, "<function warm-up>", "exec"))
 
 
 def _warm_up(config: Mapping[str, Any]) -> None:
@@ -458,7 +469,8 @@ def _warm_up(config: Mapping[str, Any]) -> None:
     the invocation. Nothing of the run survives it.
     """
     fn = {"key": "__warm_up__", "name": "warm-up", "version": 0, "kind": "source",
-          "module": "", "attr": "handler", "path": "", "source": _WARM_UP_SOURCE}
+          "module": "", "attr": "handler", "path": "", "source": _WARM_UP_SOURCE,
+          "code": _WARM_UP_CODE}
     msg = {"id": "warm-up", "fn": fn, "event": msgpack.packb({"x": [1, 2.5, "s", b"b"]}),
            "ct": MSGPACK, "limits": {}, "timeout": None, "last": False}
     _invoke(_Discard(), msg, config)
@@ -471,7 +483,7 @@ def main(channel_fd: int, stdout_fd: int, stderr_fd: int, config: Mapping[str, A
     code = 0
     try:
         if config.get("received_ns"):
-            _phases.append(["request", int(config["received_ns"])])
+            _phases.append(["request", int(config["received_ns"]), 0])
         _mark("forked")
         _birth(channel_fd, stdout_fd, stderr_fd, config)
         sock = socket.socket(fileno=CHANNEL_FD)

@@ -39,7 +39,7 @@ import msgpack
 
 from sandbox import _linux
 
-__all__ = ["command", "environment", "serve"]
+__all__ = ["ENVIRONMENT_NAMES", "command", "environment", "serve"]
 
 MAX_CONTROL_MESSAGE = 256 * 1024
 
@@ -61,6 +61,10 @@ _BASE_ENV = {
 }
 # OpenBLAS needs these on some processors to compute correctly at all.
 _PASS_THROUGH = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "TZ")
+#: Every variable a zygote's environment (and so a worker's, before the worker sets HOME and
+#: TMPDIR) can hold: the fixed ones, the passed-through ones when the supervisor has them, and
+#: SANDBOX_INSTANCE.
+ENVIRONMENT_NAMES = frozenset({*_BASE_ENV, *_PASS_THROUGH, "SANDBOX_INSTANCE"})
 
 
 def environment(instance: str, extra: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -139,6 +143,7 @@ def _detect_isolation(wanted: dict[str, Any] | None, netns_fd: int, sock: socket
         _send(sock, {"t": "zfailed", "kind": "isolation", "module": "", "error": str(exc),
                      "traceback": ""})
         os._exit(0)
+    isolation.prepare(report.effective)
     return report.effective, report.to_dict()
 
 

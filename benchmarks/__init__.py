@@ -1,16 +1,25 @@
-"""Benchmarks: cold start, latency, throughput, timeouts, memory, and the SOCK/Forklift paper.
+"""Benchmarks: cold start, latency (light load and sustained), throughput, timeouts, worker
+births, memory, and the SOCK/Forklift paper.
 
 Map of the package (each module one concept)::
 
     cli.py          `python -m benchmarks` / `sandbox bench`: argument parsing, progress bar
     suites.py       one function per suite, over (methods x preloads x scenarios)
+    sustained.py    the sustained suite: no pauses between calls, 1/16/128 callers, ratios
+    births.py       the births suite: births/s and the phases of a birth, all layers vs none
     core.py         the Method interface, the method table, timing and statistics, machine info
-    peers.py        the methods we compare against: fresh interpreters, multiprocessing, pools, gRPC
+    peers.py        the methods we compare against: fresh interpreters, multiprocessing, pools,
+                    gRPC, the fork-and-reap floor
     ours.py         the `sandbox-*` methods (`sandbox` imported lazily: unavailable is reported)
     workload.py     the function every method runs (also shipped as source to fresh interpreters)
     echo_server.py  a bare gRPC echo server (generic handlers, bytes in/out) run as its own process
+    fork_floor.py   a fork + _exit + waitpid loop, run in its own small interpreter
     zygote_helper.py  a plain os.fork zygote for the paper suite when `sandbox` is not available
     report.py       DIR/<suite>.json, .md (table with ratios against the suite's baseline), .png
+    headline.py     the targets table (README), from one run's JSON files
+    summary.py      DIR/README.md: the targets, every suite's table and plot
+    layers.py       fork -> ready with every isolation layer and with none (`births` does more)
 
+Every row says its regime: light load (warm pool before each call) or sustained (no pauses).
 This package must stay cheap to import: spawned children import `benchmarks.workload`.
 """

@@ -1,4 +1,4 @@
-"""`sandbox bench [coldstart|latency|throughput|timeouts|memory|paper|all] [--quick] [--out DIR]`.
+"""`sandbox bench [SUITE|all] [--quick] [--out DIR]`, SUITE one of `SUITE_NAMES`.
 
 Also `python -m benchmarks ...`. `main(argv) -> int` is what the `sandbox bench` subcommand calls.
 Runs each suite's units under one tqdm progress bar (stderr), writes DIR/<suite>.{json,md,png},
@@ -14,13 +14,16 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-SUITE_NAMES = ("coldstart", "latency", "throughput", "timeouts", "memory", "paper")
+SUITE_NAMES = (
+    "coldstart", "latency", "sustained", "throughput", "timeouts", "births", "memory", "paper",
+)  # fmt: skip
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="sandbox bench",
-        description="Cold start, latency, throughput, timeout and memory benchmarks.",
+        description="Cold start, latency (light load and sustained), throughput, timeout, "
+        "birth and memory benchmarks.",
     )
     p.add_argument("suite", nargs="?", default="all", choices=(*SUITE_NAMES, "all"))
     p.add_argument(

@@ -10,10 +10,20 @@ with the same life cycle::
     m.call(event)                  # one invocation, blocking; timed by the suite
     m.run_inflight(events, 8)      # many invocations, at most 8 in flight; per-call latencies
     m.call_with_timeout(ev, 0.1)   # -> "OK" | "TIMEOUT" | ...; methods that cannot time out raise
+    m.timeout_lags(ev, 0.1, 32, 16)  # 32 timed-out calls, 16 at once: deadline -> outcome, ns
     m.teardown()                   # stop everything it started; idempotent
 
 Suites time calls in this process with `time.perf_counter_ns`. A method whose `setup` raises
 is reported as "unavailable: <reason>" and skipped; the suite still writes its files.
+
+Every row says which *regime* it measures (`Row.regime`):
+
+    light load, warm pool   before each timed call the harness waits, untimed, until the method
+                            is warm (`ready()`: our pools have their pre-forked workers back), so
+                            the call never pays a birth: the idle-pool latency
+    sustained               calls back to back (1 caller) or N callers without pauses; only one
+                            untimed warm-up call before the timed run. With single-use workers
+                            every call needs a birth: the regime users live in
 """
 
 from __future__ import annotations
@@ -35,6 +45,10 @@ from typing import Any, ClassVar
 from benchmarks.workload import PROFILES
 
 PRELOADS = tuple(PROFILES)
+
+#: the two regimes a row can measure (see the module docstring)
+LIGHT = "light load, warm pool"
+SUSTAINED = "sustained"
 
 
 class Unsupported(Exception):
@@ -89,6 +103,29 @@ class Method:
     def call_with_timeout(self, event: dict[str, Any], timeout_s: float) -> str:
         """Run one invocation with a wall-clock timeout; return the outcome name."""
         raise Unsupported(f"{self.name} cannot time out a call")
+
+    def timeout_lags(
+        self, event: dict[str, Any], timeout_s: float, total: int, inflight: int
+    ) -> list[int]:
+        """`total` calls that must time out, `inflight` at once, back to back; for each, ns from
+        its deadline to its outcome reaching the caller. Here: the call's time minus the timeout
+        (right for methods whose deadline starts when the caller calls); methods that queue a
+        call before its deadline starts override this."""
+        timeout_ns = int(timeout_s * 1e9)
+
+        def one(_: int) -> int:
+            t0 = time.perf_counter_ns()
+            outcome = self.call_with_timeout(event, timeout_s)
+            elapsed = time.perf_counter_ns() - t0
+            if outcome != "TIMEOUT":
+                raise RuntimeError(f"expected TIMEOUT, got {outcome}")
+            return max(0, elapsed - timeout_ns)
+
+        with concurrent.futures.ThreadPoolExecutor(max_workers=inflight) as pool:
+            return list(pool.map(one, range(total)))
+
+    #: set by a `run_inflight` that times its own run (e.g. without its helpers' start-up)
+    wall_ns: int | None = None
 
     def run_inflight(self, events: Sequence[dict[str, Any]], inflight: int) -> list[int]:
         """Run `events` with at most `inflight` outstanding; return each call's latency in ns."""
@@ -195,7 +232,8 @@ def load_methods() -> dict[str, type[Method]]:
 
 @dataclasses.dataclass
 class Row:
-    """One line of a suite's `results` (the JSON schema, field for field, plus `rss_bytes`)."""
+    """One line of a suite's `results` (the JSON schema, field for field; `rss_bytes` and
+    `births_per_s` only where measured)."""
 
     scenario: str
     method: str
@@ -207,12 +245,56 @@ class Row:
     throughput_per_s: float | None = None
     uss_bytes: int | None = None
     rss_bytes: int | None = None
+    #: LIGHT or SUSTAINED
+    regime: str = LIGHT
+    births_per_s: float | None = None
 
     def as_json(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        if d["rss_bytes"] is None:
-            del d["rss_bytes"]
+        d = {"regime": d.pop("regime"), **d}
+        for optional in ("rss_bytes", "births_per_s"):
+            if d[optional] is None:
+                del d[optional]
         return d
+
+
+@dataclasses.dataclass
+class Ratio:
+    """One ratio between two rows of the same run, with the target it is held to (if any).
+
+    `value` is ours / theirs of the metrics named; `op` is "<=" or ">="; `goal` a stretch
+    target beyond `target`; `per_round` the same ratio in each round of the run."""
+
+    label: str
+    ours: str
+    theirs: str
+    ours_value: float
+    theirs_value: float
+    unit: str
+    value: float
+    op: str = ""
+    target: float | None = None
+    goal: float | None = None
+    per_round: list[float] = dataclasses.field(default_factory=list)
+
+    @property
+    def passed(self) -> bool | None:
+        if self.target is None:
+            return None
+        return self.value <= self.target if self.op == "<=" else self.value >= self.target
+
+    def verdict(self) -> str:
+        if self.target is None:
+            return "(no target)"
+        sign = "≤" if self.op == "<=" else "≥"
+        text = f"{sign} {self.target:g}×: " + ("pass" if self.passed else "FAIL")
+        if self.goal is not None:
+            reached = self.value <= self.goal if self.op == "<=" else self.value >= self.goal
+            text += f"; goal {sign} {self.goal:g}×: " + ("reached" if reached else "not yet")
+        return text
+
+    def as_json(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "passed": self.passed, "verdict": self.verdict()}
 
 
 def percentile(sorted_values: Sequence[float], q: float) -> float:
@@ -232,6 +314,7 @@ def summarize(
     wall_ns: int | None = None,
     uss_bytes: int | None = None,
     rss_bytes: int | None = None,
+    regime: str = LIGHT,
 ) -> Row:
     ms = sorted(x / 1e6 for x in latencies_ns)
     return Row(
@@ -245,6 +328,7 @@ def summarize(
         throughput_per_s=round(len(ms) / (wall_ns / 1e9), 2) if wall_ns else None,
         uss_bytes=uss_bytes,
         rss_bytes=rss_bytes,
+        regime=regime,
     )
 
 
@@ -257,6 +341,10 @@ class SuiteResult:
     notes: list[str] = dataclasses.field(default_factory=list)
     #: seconds each unit took (set up, measured, torn down), by unit label
     timings: dict[str, float] = dataclasses.field(default_factory=dict)
+    #: the suite's ratios against its targets (sustained, births)
+    ratios: list[Ratio] = dataclasses.field(default_factory=list)
+    #: suite-specific data written as top-level JSON keys (e.g. the births' phases)
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 # --- machine information ---------------------------------------------------------------------

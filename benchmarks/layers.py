@@ -2,10 +2,13 @@
 
     python -m benchmarks.layers [--n 100] [--out DIR]
 
-Two runtimes run at once, one with every isolation layer (strict) and one with none (off:
-session, death signal, fds, rlimits and cgroups only); workers are forked from each in turn, A B
-A B..., so both see the same machine noise. Reports p50/p90/p99 of each and the ratio of the
-medians. Forks happen here on demand (the cost a warm pool pays in the background).
+Two runtimes run at once, one with every isolation layer (strict) and one with none (off, no
+cgroups: session, death signal, fds and rlimits only), both with `min_idle=0`, so every call
+forks its worker on demand; calls alternate A B A B..., so both see the same machine noise.
+The birth times are the runtime's own (`info()["pools"]["default"]["births"]["total_ms"]`:
+request to ready), p50/p90/p99 of each and the ratio of the medians. Public API only. The
+`births` suite (`python -m benchmarks births`) measures the same and more: births/s, under
+load, and per phase.
 """
 
 from __future__ import annotations
@@ -13,41 +16,35 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
-
-def _pct(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(q * len(xs)))]
+SOURCE = "def handler(event, context):\n    return event\n"
 
 
 async def measure(n: int) -> dict[str, Any]:
     from sandbox import AsyncRuntime
 
     runtimes = {"all layers": AsyncRuntime(min_idle=0, isolation="strict"),
-                "no layers": AsyncRuntime(min_idle=0, isolation="off")}
-    times: dict[str, list[float]] = {name: [] for name in runtimes}
+                "no layers": AsyncRuntime(min_idle=0, isolation="off", cgroups=False)}
     try:
         for rt in runtimes.values():
             await rt.start()
+            rt.register("layers", source=SOURCE)
         for _ in range(n):
-            for name, rt in runtimes.items():
-                pool = rt._pools["default"]
-                t = time.perf_counter()
-                worker, _ = await pool.spawn()
-                times[name].append((time.perf_counter() - t) * 1000)
-                pool.discard(worker)
-                await worker.dead
+            for rt in runtimes.values():
+                res = await rt.invoke("layers", 1)
+                if str(getattr(res.outcome, "value", res.outcome)) != "OK":
+                    raise RuntimeError(f"invocation ended {res.outcome}: {res.error}")
+        births = {name: rt.info()["pools"]["default"]["births"] for name, rt in runtimes.items()}
         layers = runtimes["all layers"].info()["isolation"]["layers"]
     finally:
         for rt in runtimes.values():
             await rt.aclose()
-    rows = {name: {"n": len(xs), "p50_ms": statistics.median(xs), "p90_ms": _pct(xs, 0.9),
-                   "p99_ms": _pct(xs, 0.99)} for name, xs in times.items()}
+    rows = {name: {"n": b["sampled"], "p50_ms": b["total_ms"]["p50"],
+                   "p90_ms": b["total_ms"]["p90"], "p99_ms": b["total_ms"]["p99"]}
+            for name, b in births.items()}
     return {"rows": rows,
             "ratio_p50": rows["all layers"]["p50_ms"] / rows["no layers"]["p50_ms"],
             "layers_on": [name for name, layer in layers.items() if layer["enabled"]]}

@@ -14,10 +14,16 @@ with `perf_counter_ns` exactly as they do for the peers, and `run_inflight` keep
 outstanding with asyncio rather than N threads.
 
 `ready()` waits (untimed) until every pool has its `min_idle` warm workers: embedded with the
-runtime's event-driven `wait_warm()`, over gRPC by polling `GetInfo`. The suites call it before
-each timed sequential call, so a prefork measurement never includes a fork on demand by
-accident; calls that were served by a worker forked on demand anyway are counted
-(`take_on_demand`) and reported in the suite's notes.
+runtime's event-driven `wait_warm()`, over gRPC by polling `GetInfo`. The *light load* suites
+call it before each timed sequential call, so such a measurement never includes a fork on
+demand; the *sustained* suite never calls it, so there each call pays for the birth it needs.
+Calls served by a worker forked on demand are counted (`take_on_demand`) and reported in the
+suites' notes.
+
+Options of the embedded methods (keyword arguments of the method class):
+    runtime_defaults=True   AsyncRuntime(profiles=...) and nothing else: the runtime's defaults
+    isolation=..., cgroups=..., min_idle=...   passed to AsyncRuntime as given
+    reuse=N, gc_freeze=False, max_concurrency=N
 """
 
 from __future__ import annotations
@@ -91,12 +97,16 @@ class _Embedded(Method):
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name=self.name, daemon=True)
         self.thread.start()
-        kwargs: dict[str, Any] = {
-            "profiles": _profiles(self.preload, self.modules),
-            "min_idle": self.min_idle,
-            "max_concurrency": self.options.get("max_concurrency"),
-            "max_queue": 4096,
-        }
+        kwargs: dict[str, Any] = {"profiles": _profiles(self.preload, self.modules)}
+        if not self.options.get("runtime_defaults"):
+            kwargs.update(
+                min_idle=self.min_idle,
+                max_concurrency=self.options.get("max_concurrency"),
+                max_queue=4096,
+            )
+        for key in ("isolation", "cgroups", "min_idle"):
+            if key in self.options:
+                kwargs[key] = self.options[key]
         if self.options.get("gc_freeze") is False:  # the zygote freezes by default (DESIGN)
             kwargs["gc_freeze"] = False
         self.gc_freeze = bool(self.options.get("gc_freeze", True))
@@ -140,6 +150,43 @@ class _Embedded(Method):
 
         res = self._run(lambda: self._invoke(event, Limits(wall_timeout_s=timeout_s)))
         return str(getattr(res.outcome, "value", res.outcome))
+
+    def info(self) -> dict[str, Any]:
+        """`AsyncRuntime.info()`, read on the runtime's loop."""
+        return dict(self._run(lambda: self.rt.info()))
+
+    def timeout_lags(
+        self, event: dict[str, Any], timeout_s: float, total: int, inflight: int
+    ) -> list[int]:
+        """The runtime arms a call's deadline when its worker gets the event, after any wait
+        for a concurrency slot or a worker (`stats.queue_s`, `stats.startup_s`): deadline ->
+        outcome is the call's time minus those waits minus the timeout. The raw call time minus
+        the timeout is kept in `self.raw_lags` for the notes."""
+        Limits = importlib.import_module("sandbox").Limits
+        limits = Limits(wall_timeout_s=timeout_s)
+        timeout_ns = int(timeout_s * 1e9)
+        lags: list[int] = []
+        self.raw_lags: list[int] = []
+
+        async def many() -> None:
+            slots = asyncio.Semaphore(inflight)
+
+            async def one() -> None:
+                async with slots:
+                    t0 = time.perf_counter_ns()
+                    res = await self._invoke(event, limits)
+                    elapsed = time.perf_counter_ns() - t0
+                    outcome = str(getattr(res.outcome, "value", res.outcome))
+                    if outcome != "TIMEOUT":
+                        raise RuntimeError(f"expected TIMEOUT, got {outcome}")
+                    waited = int((res.stats.queue_s + res.stats.startup_s) * 1e9)
+                    lags.append(max(0, elapsed - waited - timeout_ns))
+                    self.raw_lags.append(max(0, elapsed - timeout_ns))
+
+            await asyncio.gather(*(one() for _ in range(total)))
+
+        self._run(many, timeout=None)
+        return lags
 
     def run_inflight(self, events: Sequence[dict[str, Any]], inflight: int) -> list[int]:
         latencies = [0] * len(events)

@@ -8,6 +8,8 @@
     pebble-warm        pebble.ProcessPool (per-task timeouts), workers already started and preloaded
     grpc-echo          a bare grpc.aio unary echo server in its own process: the gRPC floor
     grpc-echo-stream   the same server's bidirectional echo stream, calls pipelined on one stream
+    fork-floor         os.fork + child os._exit(0) + waitpid in a loop, in a small clean
+                       interpreter: the fork-and-reap floor (calls/s; no function runs at all)
 
 Top-level imports stay light (no grpc, no pebble): a spawned child imports this module when it
 runs `queued_rss`.
@@ -343,6 +345,63 @@ class ZygoteFork(Method):
                 proc.wait()
             proc.stdout.close()
             self.proc = None
+
+
+@register
+class ForkFloor(Method):
+    """`benchmarks/fork_floor.py` loops, each in its own `python -I -S`. One caller: one loop.
+    N callers: min(N, CPUs) loops at once (more loops than CPUs only contend for the same
+    cores), started together; calls/s is every loop's forks over the time from the first start
+    to the last end. Sets `wall_ns` (the loops' own start-up is not timed)."""
+
+    name = "fork-floor"
+    preloads = ("none",)
+
+    def call(self, event: dict[str, Any]) -> Any:
+        raise Unsupported("fork-floor runs whole loops (run_inflight)")
+
+    def loops(self, inflight: int) -> int:
+        return 1 if inflight <= 1 else min(inflight, pool_workers())
+
+    def run_inflight(self, events: Sequence[dict[str, Any]], inflight: int) -> list[int]:
+        k = self.loops(inflight)
+        per_loop = -(-len(events) // k)
+        script = str(Path(__file__).with_name("fork_floor.py"))
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-I", "-S", script, str(per_loop)],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+            )
+            for _ in range(k)
+        ]
+        try:
+            for p in procs:
+                assert p.stdout is not None
+                if p.stdout.readline() != b"ready\n":
+                    raise RuntimeError("fork-floor loop did not start")
+            for p in procs:
+                assert p.stdin is not None
+                p.stdin.write(b"go\n")
+                p.stdin.flush()
+            reports = []
+            for p in procs:
+                assert p.stdout is not None
+                reports.append(json.loads(p.stdout.readline()))
+        finally:
+            for p in procs:
+                with contextlib.suppress(OSError):
+                    assert p.stdin is not None
+                    p.stdin.close()
+                try:
+                    p.wait(10)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait()
+                if p.stdout is not None:
+                    p.stdout.close()
+        self.wall_ns = max(r["t1"] for r in reports) - min(r["t0"] for r in reports)
+        return [x for r in reports for x in r["lat"]]
 
 
 class EchoServer:

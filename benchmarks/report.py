@@ -2,13 +2,20 @@
 
 JSON::
 
-    {"suite": str, "machine": {...}, "results": [{"scenario", "method", "preload", "n",
-     "p50_ms", "p99_ms", "mean_ms", "throughput_per_s": float|null, "uss_bytes": int|null,
-     ("rss_bytes": int, memory suite's supervisor rows only)}],
-     "unavailable": [{"scenario", "method", "preload", "reason"}], "notes": [str]}
+    {"suite": str, "machine": {...}, "results": [{"regime": "light load, warm pool" |
+     "sustained", "scenario", "method", "preload", "n", "p50_ms", "p99_ms", "mean_ms",
+     "throughput_per_s": float|null, "uss_bytes": int|null,
+     ("rss_bytes": int, memory suite's supervisor rows only),
+     ("births_per_s": float, births suite only)}],
+     "ratios": [{"label", "ours", "theirs", "ours_value", "theirs_value", "unit", "value",
+                 "op", "target", "goal", "per_round", "passed", "verdict"}],
+     "unavailable": [{"scenario", "method", "preload", "reason"}], "notes": [str],
+     "unit_seconds": {unit label: s}, (births suite: "births": {scenario: {configuration:
+     the runtime's birth stats}})}
 
 The table's last column compares each row with the suite's baseline method in the same scenario
-(and the same preload, else `none`): see `BASELINES`.
+(and the same preload, else `none`): see `BASELINES`. Suites with targets (sustained, births)
+also write a table of their ratios against the targets.
 """
 
 from __future__ import annotations
@@ -42,7 +49,10 @@ BASELINES: dict[str, Baseline] = {
     "latency": Baseline(
         "ppe-warm",
         "p50_ms",
-        about="A trivial call (echo) at light load: back to back, and after an idle gap.",
+        about="A trivial call (echo) at *light load*: the harness waits, untimed, for a warm "
+        "pool before every call (`light-load-warm-pool`), and also leaves an idle gap "
+        "(`light-load-idle-gap-50ms`). Calls back to back without that wait are the "
+        "`sustained` suite.",
     ),
     "throughput": Baseline(
         "grpc-echo",
@@ -56,7 +66,10 @@ BASELINES: dict[str, Baseline] = {
         "p50_ms",
         about="A function that never returns, with a "
         "100 ms timeout: time from the deadline to the outcome, and from the outcome until the "
-        "next call has been served.",
+        "next call has been served, at light load (warm pool before each call); and "
+        "`deadline-to-outcome-16-callers` (sustained): 16 callers at once, back to back, each "
+        "calling a function that sleeps forever with a 100 ms timeout, so the pool is busy and "
+        "births a worker per call.",
     ),
     "memory": Baseline(
         "ppe-warm",
@@ -73,6 +86,31 @@ BASELINES: dict[str, Baseline] = {
         about="SOCK (USENIX ATC '18) / "
         "Forklift: a fresh `python -I` that imports the package, against a fork of a zygote that "
         "preloaded it (the child imports it again: free). The ratio is the speed-up.",
+    ),
+    "sustained": Baseline(
+        "fork-floor",
+        "throughput_per_s",
+        about="A trivial call (echo) with *no pauses between calls*: 1 caller back to back, 16 "
+        "and 128 callers (that many calls outstanding at all times). One untimed warm-up call "
+        "per method and level, never a wait for a warm pool: with single-use workers every "
+        "call needs a birth, as in real use. `fork-floor` is a plain `os.fork()` + child "
+        "`os._exit(0)` + `waitpid` loop in a small clean interpreter (`python -I -S`): one "
+        "loop for 1 caller, min(N, CPUs) loops at once for N callers; nothing can be isolated "
+        "per call faster. `grpc-echo` / `grpc-echo-stream`: a bare grpc.aio echo server, unary "
+        "and one bidirectional stream, the floor of `sandbox-grpc-unary` (`Invoke`) and "
+        "`sandbox-grpc-stream` (`InvokeMany`). `sandbox-prefork` is the embedded API at the "
+        "runtime's defaults, `sandbox serve` runs at its defaults.",
+    ),
+    "births": Baseline(
+        "sandbox-no-layers",
+        "p50_ms",
+        about="Worker births, every isolation layer (the runtime's defaults; strict as root) "
+        "against none (`isolation=\"off\", cgroups=False`), same run. `on-demand-sequential`: "
+        "`min_idle=0`, every call forks its worker, calls back to back, the two runtimes "
+        "alternating call by call. `16-callers`: the runtime's defaults, 16 callers without "
+        "pauses (the pool births a worker per call). calls/s counts calls, births/s the "
+        "births the runtime counted during them. The phase breakdown is the runtime's own "
+        "(`info()[\"pools\"][\"default\"][\"births\"]`), p50 per phase in birth order.",
     ),
 }
 
@@ -92,12 +130,14 @@ def to_json(res: SuiteResult, machine: dict[str, Any]) -> dict[str, Any]:
         "suite": res.suite,
         "machine": machine,
         "results": [r.as_json() for r in res.rows],
+        "ratios": [r.as_json() for r in res.ratios],
         "unavailable": [
             {"scenario": s, "method": m, "preload": p, "reason": why}
             for s, m, p, why in res.unavailable
         ],
         "notes": res.notes,
         "unit_seconds": res.timings,
+        **res.extra,
     }
 
 
@@ -140,14 +180,96 @@ def _fmt(value: float | None, unit: float = 1.0) -> str:
 #: how every suite measures (stated in each table's file)
 RULES = (
     "How to read it: every ratio compares rows of this same run, never numbers from different "
-    "runs or machines; p50 is the median of all samples (p99 nearest-rank), and the latency "
-    "suite runs every method in several rounds one after the other and gives each round's "
-    "ratio in the notes. Machines are noisy (other work, frequency scaling, a shared 2-vCPU "
-    "VM): trust ratios and medians, not single numbers. Our pre-forking methods wait, untimed, "
-    "until their pool has its warm workers before each timed sequential call (`wait_warm()`), "
-    "so a latency never includes a fork on demand by accident; calls that still were served by "
-    "a worker forked on demand are counted in the notes."
+    "runs or machines; p50 is the median of all samples (p99 nearest-rank); the latency and "
+    "sustained suites run every method in several rounds one after the other and give each "
+    "round's ratio in the notes. Machines are noisy (other work, frequency scaling, a shared "
+    "2-vCPU VM): trust ratios and medians, not single numbers.\n\n"
+    "Every row says its **regime**. *light load, warm pool*: before each timed call the "
+    "harness waits, untimed, until the pool has its warm workers (`ready()` / `wait_warm()`), "
+    "so the call never waits for a birth: the idle-pool latency. *sustained*: no pauses "
+    "between calls (only one untimed warm-up call before the timed run); with single-use "
+    "workers each call then has to wait for a worker birth: the regime users live in. Calls "
+    "served by a worker forked on demand are counted in the notes."
 )
+
+_COLUMNS = [  # (header, Row -> cell text, shown only when some row has a value)
+    ("n", lambda r: str(r.n), False),
+    ("p50 ms", lambda r: _fmt(r.p50_ms), False),
+    ("p99 ms", lambda r: _fmt(r.p99_ms), False),
+    ("mean ms", lambda r: _fmt(r.mean_ms), False),
+    ("calls/s", lambda r: _fmt(r.throughput_per_s), True),
+    ("births/s", lambda r: _fmt(r.births_per_s), True),
+    ("USS MiB", lambda r: _fmt(r.uss_bytes, 2**20), True),
+    ("RSS MiB", lambda r: _fmt(r.rss_bytes, 2**20), True),
+]
+
+
+def ratios_markdown(res: SuiteResult) -> str:
+    """The suite's ratios against its targets, as a markdown table ('' when it has none)."""
+    if not res.ratios:
+        return ""
+    lines = [
+        "| ratio | ours | baseline | value | per round | target |",
+        "|---|--:|--:|--:|---|---|",
+    ]
+    for r in res.ratios:
+        unit = " /s" if r.unit == "/s" else " ms"
+        per_round = ", ".join(f"{x:.3g}×" for x in r.per_round) if len(r.per_round) > 1 else ""
+        lines.append(
+            f"| {r.label} | {r.ours}: {_fmt(r.ours_value)}{unit} "
+            f"| {r.theirs}: {_fmt(r.theirs_value)}{unit} | **{r.value:.3g}×** | {per_round} "
+            f"| {r.verdict()} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _phase_cells(label: str, stats: list[dict[str, float] | None]) -> str:
+    """One line of a phase table: p50 (p90, p99) per configuration, and the ratio of the
+    first two p50s when there are exactly two."""
+    text = " | ".join(
+        f"{v['p50']:.3g} ({v['p90']:.3g}, {v['p99']:.3g})" if v else "—" for v in stats
+    )
+    if len(stats) == 2:
+        a, b = (v["p50"] if v else None for v in stats)
+        text += f" | {a / b:.3g}×" if a and b else " | —"
+    return f"| {label} | {text} |"
+
+
+def births_markdown(res: SuiteResult) -> str:
+    """The births suite's phase tables: per scenario, p50 (p90, p99) per phase, per config."""
+    data = res.extra.get("births")
+    if not data:
+        return ""
+    out = []
+    for scenario, by_config in data.items():
+        if not by_config:
+            continue
+        configs = list(by_config)
+        head = "| phase | " + " | ".join(f"{c}: p50 (p90, p99) ms" for c in configs)
+        if len(configs) == 2:
+            head += f" | {configs[0]} ÷ {configs[1]}, p50"
+        lines = [head + " |", "|---|" + "--:|" * (len(configs) + (len(configs) == 2))]
+        lines.append(_phase_cells(
+            "**total** (request → ready)", [by_config[c].get("total_ms") or None for c in configs]
+        ))  # fmt: skip
+        for phase in phase_order(by_config):
+            lines.append(_phase_cells(
+                phase, [by_config[c].get("phases_ms", {}).get(phase) for c in configs]
+            ))  # fmt: skip
+        counts = ", ".join(
+            f"{c}: {d.get('births', 0)} births, {d.get('sampled', 0)} sampled"
+            for c, d in by_config.items()
+        )
+        out.append(
+            f"### Birth phases, `{scenario}`\n\n" + "\n".join(lines) + f"\n\n{counts}.\n"
+        )
+    return "\n".join(out)
+
+
+def phase_order(by_config: dict[str, Any]) -> list[str]:
+    from benchmarks.births import merge_order
+
+    return merge_order([list(d.get("phases_ms", {})) for d in by_config.values()])
 
 
 def to_markdown(res: SuiteResult, machine: dict[str, Any]) -> str:
@@ -166,19 +288,27 @@ def to_markdown(res: SuiteResult, machine: dict[str, Any]) -> str:
         ratio_head = f"{base.method} / row ({what})" if base.speedup else f"{what} / {base.method}"
     else:
         ratio_head = "ratio"
+    columns = [
+        (name, cell) for name, cell, optional in _COLUMNS
+        if not optional or any(cell(r) for r in res.rows)
+    ]  # fmt: skip
     lines = [
-        "| scenario | method | preload | n | p50 ms | p99 ms | mean ms | calls/s | USS MiB "
-        f"| RSS MiB | {ratio_head} |",
-        "|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|",
+        "| regime | scenario | method | preload | "
+        + " | ".join(name for name, _ in columns) + f" | {ratio_head} |",
+        "|---|---|---|---|" + "--:|" * (len(columns) + 1),
     ]
     for r in res.rows:
         lines.append(
-            f"| {r.scenario} | {r.method} | {r.preload} | {r.n} | {_fmt(r.p50_ms)} "
-            f"| {_fmt(r.p99_ms)} | "
-            f"{_fmt(r.mean_ms)} | {_fmt(r.throughput_per_s)} | {_fmt(r.uss_bytes, 2**20)} | "
-            f"{_fmt(r.rss_bytes, 2**20)} | {ratio(res, r)} |"
+            f"| {r.regime} | {r.scenario} | {r.method} | {r.preload} | "
+            + " | ".join(cell(r) for _, cell in columns) + f" | {ratio(res, r)} |"
         )
-    text = head + "\n".join(lines) + "\n"
+    text = head
+    if res.ratios:
+        text += "## Ratios against the targets\n\n" + ratios_markdown(res) + "\n## Rows\n\n"
+    text += "\n".join(lines) + "\n"
+    phases = births_markdown(res)
+    if phases:
+        text += "\n" + phases
     if res.notes:
         text += "\n## Notes\n\n" + "".join(
             "- " + note.strip().replace("\n", "\n  ") + "\n" for note in res.notes
@@ -190,6 +320,62 @@ def to_markdown(res: SuiteResult, machine: dict[str, Any]) -> str:
     return text
 
 
+def _sustained_png(plt: Any, rows: list[Row]) -> tuple[Any, Any]:
+    """One panel per level: calls/s per method (bars, log scale), p50 and p99 in the labels."""
+    levels = list(dict.fromkeys(r.scenario for r in rows))
+    methods = list(dict.fromkeys(r.method for r in rows))
+    fig, axes = plt.subplots(1, len(levels), figsize=(5 * len(levels), 0.45 * len(methods) + 1.6),
+                             sharex=True, sharey=True, squeeze=False)  # fmt: skip
+    top = max((r.throughput_per_s or 0.0) for r in rows) or 1.0
+    low = min((r.throughput_per_s or top) for r in rows)
+    for ax, level in zip(axes[0], levels, strict=True):
+        by_method = {r.method: r for r in rows if r.scenario == level}
+        values = [(by_method[m].throughput_per_s or 0.0) if m in by_method else 0.0
+                  for m in methods]  # fmt: skip
+        colors = [
+            "tab:gray" if m == "fork-floor" else "tab:orange" if m.startswith("sandbox")
+            else "tab:blue" for m in methods
+        ]  # fmt: skip
+        ax.barh(range(len(methods)), [max(v, 1e-3) for v in values], color=colors)
+        for i, m in enumerate(methods):
+            r = by_method.get(m)
+            if r is not None:
+                ax.text(max(values[i], 1e-3), i, f" p50 {r.p50_ms:.3g} / p99 {r.p99_ms:.3g} ms",
+                        va="center", fontsize=6)  # fmt: skip
+        ax.set_xscale("log")
+        ax.set_xlim(low / 2, top * 40)  # room for the labels
+        ax.set_xlabel("calls / s (log)")
+        ax.set_title(f"sustained, {level}", fontsize=9)
+    axes[0][0].set_yticks(range(len(methods)))
+    axes[0][0].set_yticklabels(methods, fontsize=8)
+    axes[0][0].invert_yaxis()
+    return fig, None
+
+
+def _births_png(plt: Any, data: dict[str, dict[str, Any]]) -> tuple[Any, Any]:
+    """A stacked bar per (scenario, configuration): the p50 of each birth phase, in order, and
+    a marker at the p50 of the whole birth (p50s do not add up exactly)."""
+    bars = [(s, c, d) for s, by_config in data.items() for c, d in by_config.items()]
+    phases = phase_order({f"{s}/{c}": d for s, c, d in bars})
+    fig, ax = plt.subplots(figsize=(max(7, 1.6 * len(bars) + 4), 5))
+    cmap = plt.get_cmap("tab20")
+    bottoms = [0.0] * len(bars)
+    for k, phase in enumerate(phases):
+        heights = [d.get("phases_ms", {}).get(phase, {}).get("p50", 0.0) for _, _, d in bars]
+        ax.bar(range(len(bars)), heights, bottom=bottoms, color=cmap(k % 20), label=phase,
+               width=0.6)  # fmt: skip
+        bottoms = [b + h for b, h in zip(bottoms, heights, strict=True)]
+    totals = [d.get("total_ms", {}).get("p50") for _, _, d in bars]
+    xs = [i for i, t in enumerate(totals) if t]
+    ax.scatter(xs, [totals[i] for i in xs], marker="_", s=600, color="black", zorder=3,
+               label="total p50")  # fmt: skip
+    ax.set_xticks(range(len(bars)))
+    ax.set_xticklabels([f"{c}\n{s}" for s, c, _ in bars], fontsize=8)
+    ax.set_ylabel("birth, ms (p50 per phase, stacked)")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    return fig, ax
+
+
 def to_png(res: SuiteResult, path: Path) -> None:
     import matplotlib
 
@@ -197,7 +383,11 @@ def to_png(res: SuiteResult, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = res.rows
-    if res.suite == "throughput" and rows:
+    if res.suite == "births" and res.extra.get("births"):
+        fig, ax = _births_png(plt, res.extra["births"])
+    elif res.suite == "sustained" and rows:
+        fig, ax = _sustained_png(plt, rows)
+    elif res.suite == "throughput" and rows:
         fig, ax = plt.subplots(figsize=(8, 5))
         series: dict[str, list[tuple[int, float]]] = {}
         for r in rows:
@@ -269,7 +459,10 @@ def to_png(res: SuiteResult, path: Path) -> None:
             0.5, 0.5, "no results (see the .md for unavailable methods)", ha="center", va="center"
         )
         ax.axis("off")
-    ax.set_title(f"sandbox bench: {res.suite}")
+    if ax is None:
+        fig.suptitle(f"sandbox bench: {res.suite}")
+    else:
+        ax.set_title(f"sandbox bench: {res.suite}")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -6,11 +6,19 @@ visible while it runs. A unit whose method cannot be set up is recorded as
 "unavailable: <reason>" and the suite goes on.
 
     coldstart   invoke -> result of a function using its preloaded modules; method x preload
-    latency     p50/p99 of a trivial call at light load, back to back and with idle gaps
+    latency     p50/p99 of a trivial call at light load (warm pool before each call), and after
+                an idle gap
     throughput  calls/s at 1, 8, 32, 128 in flight; isolated (single-use) and reuse modes
-    timeouts    a function that never returns, 100 ms timeout: deadline -> outcome -> next call
+    timeouts    a function that never returns, 100 ms timeout: deadline -> outcome -> next call,
+                at light load and while 16 callers keep the pool busy
     memory      USS of idle workers per profile, with/without gc.freeze(); supervisor, 1000 queued
     paper       SOCK / Forklift: fresh `import X` vs a zygote that preloaded X, per package
+    sustained   (sustained.py) no pauses: 1, 16, 128 callers; embedded, gRPC unary, InvokeMany,
+                beside ppe-warm, mp-fork, the fork-and-reap floor and a bare gRPC echo
+    births      (births.py) births/s and where a birth's time goes, all isolation layers vs none
+
+Every row says its regime (`core.LIGHT`: the harness waited for a warm pool before each call;
+`core.SUSTAINED`: no pauses between calls).
 """
 
 from __future__ import annotations
@@ -27,8 +35,10 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from benchmarks.core import (
+    LIGHT,
     METHODS,
     PRELOADS,
+    SUSTAINED,
     Method,
     SuiteResult,
     Unsupported,
@@ -95,9 +105,10 @@ def _guard(res: SuiteResult, scenario: str, m: Method, fn: Callable[[], None]) -
 def _sequential(
     m: Method, event: dict[str, Any], n: int, gap_s: float = 0.0
 ) -> tuple[list[int], int]:
-    """`n` calls one after the other; before each, untimed, `m.ready()` (our pools get their
-    pre-forked workers back) and the idle gap. Returns (latencies, wall time of the calls
-    alone: the sum of the latencies when anything was waited for between them)."""
+    """Light load, warm pool: `n` calls one after the other; before each, untimed, `m.ready()`
+    (our pools get their pre-forked workers back) and the idle gap. Returns (latencies, wall
+    time of the calls alone: the sum of the latencies when anything was waited for between
+    them)."""
     lat = []
     for _ in range(n):
         m.ready()
@@ -161,7 +172,7 @@ def coldstart(cfg: Config) -> list[Unit]:
                         m.take_on_demand()
                         lat, _ = _sequential(m, event, n)
                         _note_on_demand(res, m, scenario, n)
-                        res.rows.append(summarize(scenario, name, preload, lat))
+                        res.rows.append(summarize(scenario, name, preload, lat, regime=LIGHT))
 
                     _guard(res, scenario, m, measure)
 
@@ -188,7 +199,10 @@ LATENCY_METHODS: list[tuple[str, str, dict[str, Any]]] = [
     ("sandbox-grpc-stream-reuse", "sandbox-grpc-stream", {"reuse": GRPC_REUSE}),
 ]
 IDLE_GAP_S = 0.05
-IDLE_GAP = f"idle-gap-{IDLE_GAP_S * 1000:.0f}ms"
+#: the pool is warm before each call (the harness waits for it, untimed): light load
+WARM_POOL = "light-load-warm-pool"
+#: ... and an idle gap before each call
+IDLE_GAP = f"light-load-idle-gap-{IDLE_GAP_S * 1000:.0f}ms"
 
 
 def latency(cfg: Config) -> list[Unit]:
@@ -221,8 +235,8 @@ def latency(cfg: Config) -> list[Unit]:
                         m.take_on_demand()
                         n = cfg.n(60, 700)
                         lat, _ = _sequential(m, event, n)
-                        _note_on_demand(res, m, f"back-to-back ({label})", n)
-                        samples.setdefault(("back-to-back", label), []).append(lat)
+                        _note_on_demand(res, m, f"{WARM_POOL} ({label})", n)
+                        samples.setdefault((WARM_POOL, label), []).append(lat)
                         n = cfg.n(6, 40)
                         lat, _ = _sequential(m, event, n, gap_s=IDLE_GAP_S)
                         _note_on_demand(res, m, f"{IDLE_GAP} ({label})", n)
@@ -235,14 +249,16 @@ def latency(cfg: Config) -> list[Unit]:
             units.append(Unit(f"latency {label} (round {r + 1}/{rounds})", run))
 
     def finish(res: SuiteResult) -> None:
-        for scenario in ("back-to-back", IDLE_GAP):
+        for scenario in (WARM_POOL, IDLE_GAP):
             base = samples.get((scenario, "ppe-warm"), [])
             for label, _, _ in chosen:
                 per_round = samples.get((scenario, label))
                 if not per_round:
                     continue
                 pooled = [x for lat in per_round for x in lat]
-                res.rows.append(summarize(scenario, label, "none", pooled, wall_ns=sum(pooled)))
+                res.rows.append(
+                    summarize(scenario, label, "none", pooled, wall_ns=sum(pooled), regime=LIGHT)
+                )
                 p50s = [percentile(sorted(lat), 50) / 1e6 for lat in per_round]
                 text = f"{label} {scenario}: p50 per round " + ", ".join(f"{p:.3g}" for p in p50s)
                 if label != "ppe-warm" and len(base) == len(per_round):
@@ -304,7 +320,9 @@ def throughput(cfg: Config) -> list[Unit]:
                         t0 = time.perf_counter_ns()
                         lat = m.run_inflight([event] * total, k)
                         wall = time.perf_counter_ns() - t0
-                        res.rows.append(summarize(scenario, name, "none", lat, wall_ns=wall))
+                        res.rows.append(
+                            summarize(scenario, name, "none", lat, wall_ns=wall, regime=SUSTAINED)
+                        )
                         _note_on_demand(res, m, scenario, total)
 
                     _guard(res, scenario, m, measure)
@@ -324,6 +342,12 @@ TIMEOUT_METHODS = [
     "sandbox-reuse",
 ]
 TIMEOUT_S = 0.1
+#: under load: callers at once, each calling a function that sleeps forever (100 ms timeout)
+LOADED_CALLERS = 16
+#: the methods measured under load: pebble's deadline starts when one of its 2 workers takes
+#: the task, which the caller cannot see (with 16 callers its queue would be the number)
+LOADED_METHODS = ["mp-fork", "sandbox-prefork"]
+SLEEP_FOREVER = {"op": "sleep", "s": 10**6}
 
 
 def timeouts(cfg: Config) -> list[Unit]:
@@ -331,7 +355,8 @@ def timeouts(cfg: Config) -> list[Unit]:
     for name in _selected(cfg, TIMEOUT_METHODS):
 
         def run(res: SuiteResult, name: str = name) -> None:
-            with method(res, name, "none") as m:
+            options = {"runtime_defaults": True} if name == "sandbox-prefork" else {}
+            with method(res, name, "none", **options) as m:
                 if m is None:
                     return
 
@@ -351,7 +376,26 @@ def timeouts(cfg: Config) -> list[Unit]:
                     res.rows.append(summarize("deadline-to-outcome", name, "none", to_outcome))
                     res.rows.append(summarize("next-call-after-timeout", name, "none", to_next))
 
+                def loaded() -> None:
+                    scenario = f"deadline-to-outcome-{LOADED_CALLERS}-callers"
+                    k = LOADED_CALLERS
+                    total = k * cfg.n(2, 12)
+                    m.call({"op": "echo"})  # the one untimed warm-up; no waiting for warm
+                    lags = m.timeout_lags(SLEEP_FOREVER, TIMEOUT_S, total, k)
+                    res.rows.append(summarize(scenario, name, "none", lags, regime=SUSTAINED))
+                    raw = getattr(m, "raw_lags", None)
+                    if raw:
+                        q = sorted(x / 1e6 for x in raw)
+                        res.notes.append(
+                            f"{name} {scenario}: the call's own time minus 100 ms, waits for a "
+                            f"concurrency slot and a worker included: p50 {percentile(q, 50):.3g}"
+                            f" ms, p99 {percentile(q, 99):.3g} ms (the row subtracts those "
+                            "waits: the runtime arms the deadline when the worker gets the event)"
+                        )
+
                 _guard(res, "*", m, measure)
+                if name in LOADED_METHODS:
+                    _guard(res, f"deadline-to-outcome-{LOADED_CALLERS}-callers", m, loaded)
 
         units.append(Unit(f"timeouts {name}", run))
     return units
@@ -446,7 +490,15 @@ def memory(cfg: Config) -> list[Unit]:
                 res.unavailable.append((scenario, name, "none", _reason(exc)))
                 return
             res.rows.append(
-                summarize(scenario, name, "none", [submit_ns], uss_bytes=uss, rss_bytes=rss)
+                summarize(
+                    scenario,
+                    name,
+                    "none",
+                    [submit_ns],
+                    uss_bytes=uss,
+                    rss_bytes=rss,
+                    regime=SUSTAINED,
+                )
             )
 
         units.append(Unit(f"memory {name} {scenario}", run_q))
@@ -520,6 +572,19 @@ def paper(cfg: Config) -> list[Unit]:
     return units
 
 
+
+def _sustained(cfg: Config) -> list[Unit]:
+    from benchmarks.sustained import sustained  # it uses the helpers above
+
+    return sustained(cfg)
+
+
+def _births(cfg: Config) -> list[Unit]:
+    from benchmarks.births import births
+
+    return births(cfg)
+
+
 SUITES: dict[str, Callable[[Config], list[Unit]]] = {
     "coldstart": coldstart,
     "latency": latency,
@@ -527,4 +592,6 @@ SUITES: dict[str, Callable[[Config], list[Unit]]] = {
     "timeouts": timeouts,
     "memory": memory,
     "paper": paper,
+    "sustained": _sustained,
+    "births": _births,
 }

@@ -1,7 +1,12 @@
-"""The issue's four target comparisons, from one run's JSON files:
-`python -m benchmarks.headline DIR` prints a markdown table (used for docs/benchmarks/README.md).
+"""The headline: the targets and the sustained rows, from one run's JSON files.
 
-Every ratio is between rows of the same run (see the rule in `report.RULES`).
+    python -m benchmarks.headline DIR     prints the markdown (README, docs/benchmarks/README.md)
+
+Two tables. The targets: each comparison with its regime, ours, theirs, the ratio and the
+target with its verdict (sustained first: the regime users live in; then births, timeouts, and
+the light-load rows, where the pool was warm when the call came). The sustained rows: p50, p99
+and calls/s per method at 1, 16 and 128 callers. Every ratio is between rows of the same run
+(see the rule in `report.RULES`).
 """
 
 from __future__ import annotations
@@ -11,12 +16,21 @@ import sys
 from pathlib import Path
 from typing import Any
 
+WARM = "light-load-warm-pool"
+#: the sustained methods shown in the headline's rows table, in order
+SUSTAINED_ROWS = [
+    "sandbox-prefork", "ppe-warm", "mp-fork", "fork-floor",
+    "sandbox-grpc-unary", "sandbox-grpc-stream", "grpc-echo", "grpc-echo-stream",
+]  # fmt: skip
+
+
+def _load(out: Path, suite: str) -> dict[str, Any]:
+    path = out / f"{suite}.json"
+    return dict(json.loads(path.read_text())) if path.exists() else {}
+
 
 def _rows(out: Path, suite: str) -> list[dict[str, Any]]:
-    path = out / f"{suite}.json"
-    if not path.exists():
-        return []
-    return list(json.loads(path.read_text())["results"])
+    return list(_load(out, suite).get("results", []))
 
 
 def _get(rows: list[dict[str, Any]], scenario: str, method: str, preload: str = "none"
@@ -28,9 +42,24 @@ def _get(rows: list[dict[str, Any]], scenario: str, method: str, preload: str = 
     )  # fmt: skip
 
 
+def _value(x: float, unit: str) -> str:
+    return f"{x:,.0f} /s" if unit == "/s" else f"{x:.3g} ms"
+
+
 def headlines(out: Path) -> list[tuple[str, str, str, str, str]]:
     """(comparison, ours, theirs, ratio, target and verdict) rows."""
     lines: list[tuple[str, str, str, str, str]] = []
+
+    # The suites that carry their own ratios and targets: sustained, births.
+    for suite, regime in (("sustained", "sustained"), ("births", "birth")):
+        for r in _load(out, suite).get("ratios", []):
+            if r.get("target") is None:
+                continue
+            lines.append((
+                f"{regime}: {r['label']}",
+                _value(r["ours_value"], r["unit"]), _value(r["theirs_value"], r["unit"]),
+                f"{r['value']:.3g}×", r["verdict"],
+            ))  # fmt: skip
 
     def ratio(
         label: str, ours: dict[str, Any] | None, theirs: dict[str, Any] | None,
@@ -49,26 +78,49 @@ def headlines(out: Path) -> list[tuple[str, str, str, str, str]]:
         )  # fmt: skip
         lines.append((label, f"{a:.3g} {unit}", f"{b:.3g} {unit}", f"{value:.3g}×", verdict))
 
+    to = _rows(out, "timeouts")
+    for scenario, regime, q in (
+        ("deadline-to-outcome-16-callers", "sustained, 16 callers", "p99"),
+        ("deadline-to-outcome", "light load, warm pool", "p50"),
+    ):
+        for method in ("sandbox-prefork", "sandbox-reuse", "sandbox-fork"):
+            ours = _get(to, scenario, method)
+            if ours is None:
+                continue
+            theirs = _get(to, scenario, "pebble-warm" if q == "p50" else "mp-fork")
+            name = theirs["method"] if theirs else ("pebble-warm" if q == "p50" else "mp-fork")
+            value = float(ours[f"{q}_ms"])
+            if q == "p50":
+                verdict = "< 10 ms: met" if value < 10 else f"< 10 ms: missed by {value / 10:.2f}×"
+            else:
+                verdict = "(no target)"
+            lines.append((
+                f"{regime}: deadline → outcome {q} (100 ms timeout), {method} vs {name}",
+                f"{value:.3g} ms", f"{theirs[f'{q}_ms']:.3g} ms" if theirs else "n/a",
+                f"{value / float(theirs[f'{q}_ms']):.3g}×" if theirs else "n/a", verdict,
+            ))  # fmt: skip
+
     lat = _rows(out, "latency")
-    for scenario in ("back-to-back", "idle-gap-50ms"):
+    for scenario in (WARM, "light-load-idle-gap-50ms"):
         ratio(
-            f"isolated call p50, {scenario}: sandbox-prefork / ppe-warm",
+            f"light load, warm pool: isolated call p50 ({scenario}), sandbox-prefork / ppe-warm",
             _get(lat, scenario, "sandbox-prefork"), _get(lat, scenario, "ppe-warm"),
             "p50_ms", 1.0,
         )  # fmt: skip
+    for label in ("sandbox-grpc-unary", "sandbox-grpc-unary-reuse"):
+        ratio(
+            f"light load, warm pool: gRPC call p50, {label} / grpc-echo",
+            _get(lat, WARM, label), _get(lat, WARM, "grpc-echo"),
+            "p50_ms", 1.3,
+        )  # fmt: skip
     cold = _rows(out, "coldstart")
     ratio(
-        "cold start p50, heavy preload: subprocess-fresh / sandbox-prefork (speed-up)",
+        "light load, warm pool: cold start p50, heavy preload, subprocess-fresh / sandbox-prefork "
+        "(speed-up)",
         _get(cold, "use-preloaded", "sandbox-prefork", "heavy"),
         _get(cold, "use-preloaded", "subprocess-fresh", "heavy"),
         "p50_ms", 100.0, speedup=True,
     )  # fmt: skip
-    for label in ("sandbox-grpc-unary", "sandbox-grpc-unary-reuse"):
-        ratio(
-            f"gRPC call p50, back-to-back: {label} / grpc-echo",
-            _get(lat, "back-to-back", label), _get(lat, "back-to-back", "grpc-echo"),
-            "p50_ms", 1.3,
-        )  # fmt: skip
     thr = _rows(out, "throughput")
     for mode in ("isolated", "reuse"):
         for k in (1, 128):
@@ -81,30 +133,42 @@ def headlines(out: Path) -> list[tuple[str, str, str, str, str]]:
                     "≤ 1.3×: met" if slower <= 1.3 else f"≤ 1.3×: missed by {slower / 1.3:.2f}×"
                 )
                 lines.append((
-                    f"gRPC throughput, {mode}, {k} in flight: grpc-echo / sandbox-grpc-unary "
-                    "(times slower)",
+                    f"sustained: gRPC throughput, {mode}, {k} in flight, grpc-echo / "
+                    "sandbox-grpc-unary (times slower)",
                     f"{a:,.0f} /s", f"{b:,.0f} /s", f"{slower:.3g}×", verdict,
                 ))  # fmt: skip
-    to = _rows(out, "timeouts")
-    for method in ("sandbox-prefork", "sandbox-reuse", "sandbox-fork"):
-        ours = _get(to, "deadline-to-outcome", method)
-        theirs = _get(to, "deadline-to-outcome", "pebble-warm")
-        if ours is None:
-            continue
-        p50 = float(ours["p50_ms"])
-        verdict = "< 10 ms: met" if p50 < 10 else f"< 10 ms: missed by {p50 / 10:.2f}×"
-        lines.append((
-            f"deadline → outcome p50 (100 ms timeout): {method} vs pebble-warm",
-            f"{p50:.3g} ms", f"{theirs['p50_ms']:.3g} ms" if theirs else "n/a",
-            f"{p50 / float(theirs['p50_ms']):.3g}×" if theirs else "n/a", verdict,
-        ))  # fmt: skip
     return lines
+
+
+def sustained_table(out: Path) -> str:
+    """p50 / p99 ms and calls/s per method and level of the sustained suite ('' if not run)."""
+    rows = _rows(out, "sustained")
+    if not rows:
+        return ""
+    levels = list(dict.fromkeys(r["scenario"] for r in rows))
+    methods = [m for m in SUSTAINED_ROWS if any(r["method"] == m for r in rows)]
+    text = ("| sustained (no pauses) | "
+            + " | ".join(f"{lv}: p50 / p99 ms, calls/s" for lv in levels) + " |\n"
+            + "|---|" + "--:|" * len(levels) + "\n")  # fmt: skip
+    for m in methods:
+        cells = []
+        for lv in levels:
+            r = _get(rows, lv, m)
+            cells.append(
+                f"{r['p50_ms']:.3g} / {r['p99_ms']:.3g}, {r['throughput_per_s']:,.0f}"
+                if r and r.get("throughput_per_s") else "—"
+            )
+        text += f"| {m} | " + " | ".join(cells) + " |\n"
+    return text
 
 
 def to_markdown(out: Path) -> str:
     text = "| comparison | ours | theirs | ratio | target |\n|---|--:|--:|--:|---|\n"
     for row in headlines(out):
         text += "| " + " | ".join(row) + " |\n"
+    table = sustained_table(out)
+    if table:
+        text += "\n" + table
     return text
 
 

@@ -20,13 +20,14 @@ also write a table of their ratios against the targets.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from benchmarks.core import Row, SuiteResult
+from benchmarks.core import LIGHT, SUSTAINED, Ratio, Row, SuiteResult
 
 
 @dataclass(frozen=True)
@@ -475,3 +476,78 @@ def write(res: SuiteResult, machine: dict[str, Any], out: Path) -> list[Path]:
     paths[1].write_text(to_markdown(res, machine))
     to_png(res, paths[2])
     return paths
+
+
+# --- re-rendering a run's files (no measuring) ---------------------------------------------------
+
+#: scenario names of earlier runs -> their names now (the same measurement, renamed to say that
+#: the harness waited for a warm pool before each call)
+LEGACY_SCENARIOS = {
+    ("latency", "back-to-back"): "light-load-warm-pool",
+    ("latency", "idle-gap-50ms"): "light-load-idle-gap-50ms",
+}
+
+
+def _legacy_regime(suite: str, scenario: str) -> str:
+    """The regime of a row written before rows carried one: what its suite did then."""
+    if suite == "throughput" or scenario.startswith("supervisor-"):
+        return SUSTAINED  # N in flight without pauses; calls queued
+    return LIGHT  # a wait for a warm pool (`ready()`) before each timed call
+
+
+def load(path: Path) -> tuple[SuiteResult, dict[str, Any]]:
+    """A suite's JSON file back as (SuiteResult, machine); rows of earlier runs get their
+    current scenario names and a regime (noted in the result's notes)."""
+    data = json.loads(path.read_text())
+    suite = data["suite"]
+    res = SuiteResult(suite)
+    renamed: set[tuple[str, str]] = set()
+    fields = {f.name for f in dataclasses.fields(Row)}
+    for item in data.get("results", []):
+        row = Row(**{k: v for k, v in item.items() if k in fields})
+        new = LEGACY_SCENARIOS.get((suite, row.scenario))
+        if new is not None:
+            renamed.add((row.scenario, new))
+            row.scenario = new
+        if "regime" not in item:
+            row.regime = _legacy_regime(suite, row.scenario)
+        res.rows.append(row)
+    ratio_fields = {f.name for f in dataclasses.fields(Ratio)}
+    res.ratios = [Ratio(**{k: v for k, v in r.items() if k in ratio_fields})
+                  for r in data.get("ratios", [])]  # fmt: skip
+    res.unavailable = [(u["scenario"], u["method"], u["preload"], u["reason"])
+                       for u in data.get("unavailable", [])]  # fmt: skip
+    res.notes = list(data.get("notes", []))
+    for old, new in sorted(renamed):
+        res.notes = [n.replace(f" {old}", f" {new}") for n in res.notes]
+    res.timings = dict(data.get("unit_seconds", {}))
+    known = {"suite", "machine", "results", "ratios", "unavailable", "notes", "unit_seconds"}
+    res.extra = {k: v for k, v in data.items() if k not in known}
+    if renamed or any("regime" not in item for item in data.get("results", [])):
+        res.notes.append(
+            "Re-rendered from this run's JSON by `python -m benchmarks.report` (no new "
+            "measurement): each row given its regime"
+            + "".join(f"; scenario `{old}` renamed `{new}`" for old, new in sorted(renamed))
+            + "."
+        )
+    return res, dict(data.get("machine", {}))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m benchmarks.report DIR [SUITE ...]`: rewrite DIR/<suite>.{json,md,png} from
+    the JSON files already there (every suite found when none is named), in the current
+    format; nothing is measured."""
+    import sys
+
+    args = sys.argv[1:] if argv is None else argv
+    out = Path(args[0] if args else "bench-results")
+    names = args[1:] or sorted(p.stem for p in out.glob("*.json") if p.stem in BASELINES)
+    for name in names:
+        res, machine = load(out / f"{name}.json")
+        for path in write(res, machine, out):
+            print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,6 +1,6 @@
-"""Write ``DIR/README.md`` from one run's files: the targets, the layer cost, every suite's
-table and plot. ``python -m benchmarks.summary DIR`` (after ``python -m benchmarks all --out
-DIR`` and, optionally, ``python -m benchmarks.layers --out DIR``).
+"""Write ``DIR/README.md`` from one run's files: the targets, the sustained rows, the births,
+every suite's table and plot. ``python -m benchmarks.summary DIR`` (after ``python -m
+benchmarks all --out DIR``; ``python -m benchmarks.report DIR`` re-renders older files first).
 """
 
 from __future__ import annotations
@@ -12,10 +12,12 @@ from pathlib import Path
 from benchmarks.headline import to_markdown as headline_table
 
 SUITES = [
-    ("latency", "Latency (trivial call, light load)"),
-    ("timeouts", "Timeouts (a function that never returns, 100 ms timeout)"),
-    ("coldstart", "Cold start with a preloaded profile"),
-    ("throughput", "Throughput"),
+    ("sustained", "Sustained load: no pauses between calls (1, 16, 128 callers)"),
+    ("births", "Worker births: births/s and phases, all isolation layers vs none"),
+    ("latency", "Latency at light load (warm pool before each call)"),
+    ("timeouts", "Timeouts (100 ms timeout): light load, and 16 callers at once"),
+    ("coldstart", "Cold start with a preloaded profile (light load, warm pool)"),
+    ("throughput", "Throughput (sustained: N in flight)"),
     ("memory", "Memory"),
     ("paper", "SOCK / Forklift: fresh interpreter vs a zygote that preloaded the package"),
 ]
@@ -26,27 +28,29 @@ INTRO = """# Benchmark results
 
 ```
 python -m benchmarks all --out docs/benchmarks      # or: sandbox bench all --out docs/benchmarks
-python -m benchmarks.layers --out docs/benchmarks   # cost of the isolation layers
+python -m benchmarks sustained --out docs/benchmarks  # one suite (births, latency, ...)
 python -m benchmarks.summary docs/benchmarks        # this page
 ```
 
+{runs}
+
 **How to read it.** Every ratio compares rows of the same run; p50 is the median of all samples;
-the latency suite runs every method in rounds, one after the other. The machine is a shared,
-noisy 2-vCPU VM: trust ratios and medians, not single numbers. Pre-forking methods wait, untimed,
-until their pool is warm before each timed sequential call, so no latency includes a fork on
-demand by accident.
+the latency and sustained suites run every method in rounds, one after the other. The machine is
+a shared, noisy 2-vCPU VM: trust ratios and medians, not single numbers. Every row names its
+**regime**: *light load, warm pool* (the harness waited, untimed, for a warm pool before each
+call, so no call paid a birth) or *sustained* (no pauses between calls, one untimed warm-up
+call: with single-use workers each call waits for a birth, as in real use).
 """
 
 READING = """
-**What the numbers say.** A deadline ends a call in a few milliseconds (pebble: ~100 ms), and a
-pre-forked, already-confined worker answers a function that uses numpy, pandas, requests and
-pydantic 100+ times sooner than a fresh interpreter that imports them. A *fresh isolated process
-per call* (`sandbox-prefork`) costs a few times a warm `ProcessPoolExecutor` call, which reuses
-one hot process: the difference is the new process's first run (page faults on copy-on-write
-memory, a cold cache, the wake-up of a process that has been asleep since its birth), not the
-isolation layers, which are paid at birth (see the layer cost), off the call. `sandbox-reuse`
-(one worker serving many calls of one function) is the like-for-like comparison with a warm
-pool. Over gRPC the call adds the Python gRPC floor (`grpc-echo`) to the embedded cost.
+**What the numbers say.** At *light load* a pre-forked, already-confined worker is waiting for
+the call: a deadline ends a call in a few milliseconds (pebble: ~100 ms), and a function that uses
+numpy, pandas, requests and pydantic answers 100+ times sooner than from a fresh interpreter.
+Under *sustained* load a single-use worker is born for every call, so the birth (see `births`:
+fork, the isolation layers, warm-up, and the wait for the zygote) is the call's cost: compare
+`sandbox-prefork` with `fork-floor`, the fork-and-reap loop nothing isolated per call can beat,
+and with `ppe-warm`, which reuses one hot process. `reuse=N` is the like-for-like comparison
+with a warm pool. Over gRPC the call adds the Python gRPC floor (`grpc-echo`).
 """
 
 
@@ -66,37 +70,57 @@ def _machine(out: Path) -> str:
         path = out / f"{suite}.json"
         if path.exists():
             m = json.loads(path.read_text()).get("machine", {})
-            return (f"The last full run on this machine type: {m.get('cpu_count', '?')} vCPUs "
-                    f"({m.get('cpu_model', '?')}), Python {m.get('python', '?')}, Linux "
-                    f"{m.get('kernel', '?')}, {m.get('time_utc', '')}").rstrip(", ")
+            return (f"Machine: {m.get('cpu_count', '?')} vCPUs ({m.get('cpu_model', '?')}), "
+                    f"Python {m.get('python', '?')}, Linux {m.get('kernel', '?')}")
     return "No run found"
 
 
-def _layers(out: Path) -> str:
-    path = out / "layers.json"
-    if not path.exists():
+def _runs(out: Path) -> str:
+    """When each suite's file was measured (suites can be re-run one at a time)."""
+    parts = []
+    for suite, _ in SUITES:
+        path = out / f"{suite}.json"
+        if path.exists():
+            when = json.loads(path.read_text()).get("machine", {}).get("time_utc", "?")
+            parts.append(f"`{suite}` {when}")
+    return "Measured: " + ", ".join(parts) + "." if parts else ""
+
+
+def _ratios(md: str) -> str:
+    """A suite page's ratios-against-targets table, if it has one."""
+    head = "## Ratios against the targets"
+    if head not in md:
         return ""
-    data = json.loads(path.read_text())
-    rows = ["| configuration | n | p50 ms | p90 ms | p99 ms |", "|---|--:|--:|--:|--:|"]
-    for name, row in data["rows"].items():
-        rows.append(f"| {name} | {row['n']} | {row['p50_ms']:.2f} | {row['p90_ms']:.2f} | "
-                    f"{row['p99_ms']:.2f} |")
-    return ("\n## The isolation layers: fork → ready, side by side\n\n" + "\n".join(rows)
-            + f"\n\nAll layers / none, p50: **{data['ratio_p50']:.2f}×** (layers on: "
-            + ", ".join(data["layers_on"]) + "). Paid by the warm pool at idle priority, off "
-            "the call; a fork on demand pays it on the call.\n")
+    return _first_table(md.split(head, 1)[1])
+
+
+def _phases(md: str) -> str:
+    """The births page's phase tables (from its first "### Birth phases" to its notes)."""
+    if "### Birth phases" not in md:
+        return ""
+    text = "### Birth phases" + md.split("### Birth phases", 1)[1]
+    return text.split("\n## ", 1)[0].replace("### ", "#### ")
 
 
 def write(out: Path) -> Path:
-    parts = [INTRO.format(machine=_machine(out)), "## The issue's targets\n",
-             headline_table(out), READING, _layers(out)]
+    parts = [INTRO.format(machine=_machine(out), runs=_runs(out)), "## The targets\n",
+             headline_table(out), READING]
     for suite, title in SUITES:
-        md = out / f"{suite}.md"
-        if not md.exists():
+        md_path = out / f"{suite}.md"
+        if not md_path.exists():
             continue
-        parts.append(f"\n## {title}\n\n![{suite}]({suite}.png)\n\n"
-                     f"{_first_table(md.read_text())}\n\nNotes and every row: [{suite}.md]"
-                     f"({suite}.md).\n")
+        md = md_path.read_text()
+        rows = md.split("## Rows", 1)[1] if "## Rows" in md else md
+        section = f"\n## {title}\n\n![{suite}]({suite}.png)\n\n"
+        ratios = _ratios(md)
+        if ratios:
+            section += ratios + "\n\n"
+        section += _first_table(rows) + "\n\n"
+        phases = _phases(md)
+        if phases:
+            section += phases.strip() + "\n\n"
+        section += f"Notes and every row: [{suite}.md]({suite}.md).\n"
+        parts.append(section)
     path = out / "README.md"
     path.write_text("\n".join(parts))
     return path

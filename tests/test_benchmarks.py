@@ -1,6 +1,7 @@
 """Smoke test of the benchmark harness: `python -m benchmarks all --quick` produces, for every
 suite, a well-formed JSON (the schema in benchmarks/report.py), a markdown table and a PNG, and
-leaves no process behind. Speeds are not asserted."""
+leaves no process behind; every row names its regime; the sustained and births suites carry their
+ratios against the targets. Speeds are not asserted."""
 
 from __future__ import annotations
 
@@ -13,13 +14,13 @@ from pathlib import Path
 import pytest
 
 from benchmarks import cli, report
-from benchmarks.core import METHODS, Row, load_methods, summarize
+from benchmarks.core import LIGHT, METHODS, SUSTAINED, Row, load_methods, summarize
 
 REPO = Path(__file__).resolve().parent.parent
 
 PEERS = {
     "subprocess-fresh", "mp-spawn", "mp-forkserver", "mp-fork", "ppe-warm", "pebble-warm",
-    "grpc-echo", "grpc-echo-stream",
+    "grpc-echo", "grpc-echo-stream", "fork-floor",
 }  # fmt: skip
 OURS = {
     "sandbox-fork",
@@ -29,6 +30,7 @@ OURS = {
     "sandbox-grpc-stream",
 }
 RESULT_TYPES: dict[str, tuple[type, ...]] = {
+    "regime": (str,),
     "scenario": (str,),
     "method": (str,),
     "preload": (str,),
@@ -39,6 +41,10 @@ RESULT_TYPES: dict[str, tuple[type, ...]] = {
     "throughput_per_s": (float, int, type(None)),
     "uss_bytes": (int, type(None)),
 }
+RATIO_KEYS = {
+    "label", "ours", "theirs", "ours_value", "theirs_value", "unit", "value", "op", "target",
+    "goal", "per_round", "passed", "verdict",
+}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -87,10 +93,13 @@ def test_quick_run_writes_every_suite(
                 assert isinstance(row[key], types), (suite, key, row)
             assert row["n"] >= 1
             assert row["p99_ms"] >= row["p50_ms"] >= 0
+            assert row["regime"] in (LIGHT, SUSTAINED), (suite, row)
+        for ratio in data["ratios"]:
+            assert set(ratio) >= RATIO_KEYS, (suite, ratio)
         for item in data["unavailable"]:
             assert set(item) == {"scenario", "method", "preload", "reason"}
         md = (out / f"{suite}.md").read_text()
-        assert "| scenario | method | preload |" in md and "|---|" in md
+        assert "| regime | scenario | method | preload |" in md and "|---|" in md
         assert md.count("\n| ") >= 2 + len(data["results"]) - 1
         png = (out / f"{suite}.png").read_bytes()
         assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
@@ -101,7 +110,7 @@ def test_peers_measured(quick_run: tuple[Path, subprocess.CompletedProcess[str]]
     out, _ = quick_run
     data = json.loads((out / "coldstart.json").read_text())
     measured = {(r["method"], r["preload"]) for r in data["results"]}
-    for peer in PEERS:
+    for peer in PEERS - {"fork-floor"}:
         preloads = ["none"] if peer.startswith("grpc") else ["none", "stdlib", "heavy"]
         for preload in preloads:
             assert (peer, preload) in measured, data["unavailable"]
@@ -156,17 +165,154 @@ def test_headline_ratios(tmp_path: Path) -> None:
 
     def rows(*items: tuple[str, str, str, float]) -> dict[str, object]:
         return {"results": [
-            {"scenario": s, "method": m, "preload": p, "p50_ms": v, "throughput_per_s": None}
+            {"scenario": s, "method": m, "preload": p, "p50_ms": v, "p99_ms": v,
+             "throughput_per_s": None}
             for s, m, p, v in items
         ]}  # fmt: skip
 
     (tmp_path / "latency.json").write_text(json.dumps(rows(
-        ("back-to-back", "ppe-warm", "none", 0.2), ("back-to-back", "sandbox-prefork", "none", 0.4),
+        ("light-load-warm-pool", "ppe-warm", "none", 0.2),
+        ("light-load-warm-pool", "sandbox-prefork", "none", 0.4),
     )))  # fmt: skip
     (tmp_path / "timeouts.json").write_text(json.dumps(rows(
         ("deadline-to-outcome", "pebble-warm", "none", 100.0),
         ("deadline-to-outcome", "sandbox-prefork", "none", 4.0),
+        ("deadline-to-outcome-16-callers", "mp-fork", "none", 30.0),
+        ("deadline-to-outcome-16-callers", "sandbox-prefork", "none", 15.0),
     )))  # fmt: skip
+    sustained = rows(
+        ("1-caller", "sandbox-prefork", "none", 0.6), ("1-caller", "ppe-warm", "none", 0.2),
+    )  # fmt: skip
+    sustained["ratios"] = [
+        {"label": "sequential embedded p50 ÷ ppe-warm p50", "ours": "a", "theirs": "b",
+         "ours_value": 0.6, "theirs_value": 0.2, "unit": "ms", "value": 3.0, "op": "<=",
+         "target": 3.0, "goal": None, "per_round": [], "passed": True, "verdict": "≤ 3×: pass"},
+        {"label": "context", "ours": "a", "theirs": "b", "ours_value": 1, "theirs_value": 1,
+         "unit": "/s", "value": 1.0, "op": "", "target": None, "goal": None, "per_round": [],
+         "passed": None, "verdict": "(no target)"},
+    ]  # fmt: skip
+    (tmp_path / "sustained.json").write_text(json.dumps(sustained))
     text = headline.to_markdown(tmp_path)
     assert "| 0.4 ms | 0.2 ms | 2× | ≤ 1×: missed by 2.00× |" in text
     assert "| 4 ms | 100 ms | 0.04× | < 10 ms: met |" in text
+    assert ("| sustained: sequential embedded p50 ÷ ppe-warm p50 | 0.6 ms | 0.2 ms | 3× "
+            "| ≤ 3×: pass |") in text  # fmt: skip
+    assert "context" not in text  # only the ratios with a target
+    assert "| sustained, 16 callers: deadline → outcome p99" in text
+    assert "| sandbox-prefork | 0.6 / 0.6, —" not in text  # no calls/s: a dash
+    assert "| sandbox-prefork | — |" in text and "| ppe-warm | — |" in text
+
+
+def test_sustained_quick(quick_run: tuple[Path, subprocess.CompletedProcess[str]]) -> None:
+    """Every method at 1, 16 and 128 callers, regime sustained; the ratios against the targets
+    are there with verdicts; the markdown has the ratios table."""
+    out, _ = quick_run
+    data = json.loads((out / "sustained.json").read_text())
+    measured = {(r["scenario"], r["method"]) for r in data["results"]}
+    methods = {"fork-floor", "ppe-warm", "mp-fork", "grpc-echo", "grpc-echo-stream",
+               "sandbox-prefork", "sandbox-grpc-unary", "sandbox-grpc-stream"}  # fmt: skip
+    for level in ("1-caller", "16-callers", "128-callers"):
+        for m in methods:
+            assert (level, m) in measured, (level, m, data["unavailable"])
+    assert all(r["regime"] == SUSTAINED and r["throughput_per_s"] for r in data["results"])
+    by_label = {r["label"]: r for r in data["ratios"]}
+    for label, op, target in (
+        ("sequential embedded p50 ÷ ppe-warm p50", "<=", 3.0),
+        ("sequential embedded p99 ÷ ppe-warm p50", "<=", 10.0),
+        ("16-caller embedded calls/s ÷ fork floor", ">=", 0.25),
+        ("16-caller InvokeMany calls/s ÷ fork floor", ">=", 0.2),
+        ("sequential gRPC Invoke p50 ÷ grpc-echo p50", "<=", 3.0),
+    ):
+        r = by_label[label]
+        assert (r["op"], r["target"]) == (op, target)
+        assert r["value"] > 0 and isinstance(r["passed"], bool)
+        assert r["value"] == pytest.approx(r["ours_value"] / r["theirs_value"], rel=1e-3)
+    assert by_label["16-caller embedded calls/s ÷ fork floor"]["goal"] == 0.5
+    md = (out / "sustained.md").read_text()
+    assert "## Ratios against the targets" in md and "≤ 3×:" in md
+
+
+def test_births_quick(quick_run: tuple[Path, subprocess.CompletedProcess[str]]) -> None:
+    """Both configurations in both scenarios, births/s, the runtime's phases in order, and the
+    all-layers / no-layers ratio with its target."""
+    out, _ = quick_run
+    data = json.loads((out / "births.json").read_text())
+    rows = {(r["scenario"], r["method"]): r for r in data["results"]}
+    for scenario in ("on-demand-sequential", "16-callers"):
+        for m in ("sandbox-all-layers", "sandbox-no-layers"):
+            row = rows[(scenario, m)]
+            assert row["regime"] == SUSTAINED and row["births_per_s"] > 0, row
+        for config in ("all layers", "no layers"):
+            stats = data["births"][scenario][config]
+            assert stats["births"] >= 1 and stats["sampled"] >= 1
+            assert set(stats["total_ms"]) == {"p50", "p90", "p99"}
+            assert stats["phases_ms"] and all(
+                set(v) == {"p50", "p90", "p99"} for v in stats["phases_ms"].values()
+            )
+    ratio = next(r for r in data["ratios"] if r["target"] is not None)
+    assert (ratio["op"], ratio["target"]) == ("<=", 2.0)
+    md = (out / "births.md").read_text()
+    assert "### Birth phases, `on-demand-sequential`" in md and "**total**" in md
+    # the phases keep the runtime's order
+    phases = list(data["births"]["on-demand-sequential"]["all layers"]["phases_ms"])
+    table = md.split("### Birth phases, `on-demand-sequential`", 1)[1].split("###", 1)[0]
+    positions = [table.index(f"\n| {p} |") for p in phases]
+    assert positions == sorted(positions)
+
+
+def test_regimes_named(quick_run: tuple[Path, subprocess.CompletedProcess[str]]) -> None:
+    """What waits for a warm pool says so; the timeouts under load are there."""
+    out, _ = quick_run
+    latency = json.loads((out / "latency.json").read_text())["results"]
+    scenarios = {r["scenario"] for r in latency}
+    assert scenarios == {"light-load-warm-pool", "light-load-idle-gap-50ms"}
+    assert all(r["regime"] == LIGHT for r in latency)
+    throughput = json.loads((out / "throughput.json").read_text())["results"]
+    assert all(r["regime"] == SUSTAINED for r in throughput)
+    timeouts = json.loads((out / "timeouts.json").read_text())["results"]
+    loaded = {r["method"]: r for r in timeouts if r["scenario"] == "deadline-to-outcome-16-callers"}
+    assert set(loaded) == {"mp-fork", "sandbox-prefork"}
+    assert all(r["regime"] == SUSTAINED and r["n"] >= 16 for r in loaded.values())
+
+
+def test_fork_floor_loops() -> None:
+    """One loop for one caller, min(N, CPUs) loops for N; its own wall time; every fork timed."""
+    from benchmarks.peers import ForkFloor, pool_workers
+
+    m = ForkFloor("none")
+    lat = m.run_inflight([{}] * 10, 1)
+    assert len(lat) == 10 and all(x > 0 for x in lat) and m.wall_ns and m.wall_ns >= max(lat)
+    k = m.loops(16)
+    assert k == min(16, pool_workers()) and m.loops(1) == 1
+    lat = m.run_inflight([{}] * 10, 16)
+    assert len(lat) == k * -(-10 // k)
+
+
+def test_merge_phase_order() -> None:
+    from benchmarks.births import merge_order
+
+    assert merge_order([["request", "fork", "process", "report"],
+                        ["request", "fork", "mounts", "process", "seccomp", "report"]]) == [
+        "request", "fork", "mounts", "process", "seccomp", "report"]  # fmt: skip
+
+
+def test_rerender_legacy(tmp_path: Path) -> None:
+    """A latency file of an earlier run: re-rendered with the current names and regimes."""
+    old = {
+        "suite": "latency", "machine": {"cpu_count": 2, "time_utc": "then"},
+        "results": [
+            {"scenario": "back-to-back", "method": "ppe-warm", "preload": "none", "n": 3,
+             "p50_ms": 0.2, "p99_ms": 0.3, "mean_ms": 0.2, "throughput_per_s": 10.0,
+             "uss_bytes": None},
+        ],
+        "unavailable": [], "notes": ["ppe-warm back-to-back: p50 per round 0.2 ms"],
+        "unit_seconds": {},
+    }  # fmt: skip
+    (tmp_path / "latency.json").write_text(json.dumps(old))
+    assert report.main([str(tmp_path)]) == 0
+    new = json.loads((tmp_path / "latency.json").read_text())
+    (row,) = new["results"]
+    assert (row["scenario"], row["regime"]) == ("light-load-warm-pool", LIGHT)
+    assert new["notes"][0] == "ppe-warm light-load-warm-pool: p50 per round 0.2 ms"
+    assert "Re-rendered" in new["notes"][-1]
+    assert (tmp_path / "latency.png").read_bytes()[:4] == b"\x89PNG"

@@ -6,13 +6,11 @@ Public names are loaded on first use, so a zygote (which imports this package) s
 from __future__ import annotations
 
 import importlib
-import logging
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-# A library is silent unless its user configures logging.
-logging.getLogger(__name__).addHandler(logging.NullHandler())
+# No logging here: this package is imported into every zygote (see sandbox._logging).
 
 if TYPE_CHECKING:
     from sandbox.errors import (

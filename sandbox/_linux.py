@@ -7,7 +7,6 @@ The isolation layers proper live in :mod:`sandbox.isolation`.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 from collections.abc import Iterable
 
@@ -19,7 +18,9 @@ PR_SET_DUMPABLE = 4
 PR_SET_CHILD_SUBREAPER = 36
 PR_SET_NO_NEW_PRIVS = 38
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+# The running program's own symbols (libc among them): no ctypes.util, whose imports
+# (subprocess, threading) would be in every zygote and so in every fork.
+_libc = ctypes.CDLL(None, use_errno=True)
 _prctl = _libc.prctl
 _prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
 _prctl.restype = ctypes.c_int
@@ -56,3 +57,14 @@ _FD_CEILING = 1 << 30
 def thread_count() -> int:
     """Threads of this process, as the kernel counts them."""
     return len(os.listdir("/proc/self/task"))
+
+
+def join_cgroups(procs_files: Iterable[str]) -> None:
+    """Move the calling process into each cgroup by writing ``"0\\n"`` to its cgroup.procs
+    (a freshly forked worker, before it runs any user code). Raises OSError."""
+    for path in procs_files:
+        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            os.write(fd, b"0\n")
+        finally:
+            os.close(fd)

@@ -86,7 +86,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
-import logging
 import os
 import re
 import secrets
@@ -98,6 +97,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
+from sandbox import _linux
+from sandbox._logging import get_logger
 from sandbox.errors import IsolationUnavailable
 
 __all__ = [
@@ -111,7 +112,7 @@ __all__ = [
     "join",
 ]
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 KillMethod = Literal["auto", "cgroup.kill", "freezer", "signals"]
 #: Strongest first. ``auto`` takes the strongest available.
@@ -307,8 +308,7 @@ def join(procs_files: Iterable[str]) -> None:
 
     Meant for a freshly forked worker, before it runs any user code. Raises OSError.
     """
-    for path in procs_files:
-        _write(path, b"0\n")
+    _linux.join_cgroups(procs_files)
 
 
 # --------------------------------------------------------------------------------------------

@@ -315,6 +315,10 @@ def build_result(execution: Execution, *, queue_s: float, startup_s: float, cold
     cg = worker.cgroup
     cpu_s: float | None = None
     peak: int | None = None
+    if outcome is Outcome.OK and worker.served == 1 and terminal is not None:
+        # The common case: the worker's own account in its terminal frame (its peak resident
+        # set, its CPU and its reaped children's) and no cgroupfs read on the call's path.
+        cg = None
     if cg is not None:
         cpu_s = cg.cpu_time_s()
         if cpu_s is not None:

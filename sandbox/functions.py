@@ -108,7 +108,9 @@ def _descriptor(info: FunctionInfo) -> dict[str, Any]:
         "module": module,
         "attr": attr,
         "path": info.path or "",
-        "source": info.source or "",
+        # The worker compiles the source only when it did not compile here (to report the
+        # SyntaxError): send one or the other, not both, on every call.
+        "source": "" if info.code else info.source or "",
         "code": info.code or b"",
     }
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import logging
 import os
 import signal
 import socket
@@ -29,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 import msgpack
 
 from sandbox import protocol, zygote
+from sandbox._logging import get_logger
 from sandbox.errors import IsolationUnavailable, ProfileError, ProtocolError, SandboxError
 from sandbox.limits import Limits
 
@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 
 __all__ = ["WorkerHandle", "WorkerStartError", "ZygoteHandle"]
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 ZYGOTE_START_TIMEOUT_S = 120.0
 #: How long a forked worker may take to confine itself and report ready.
@@ -332,6 +332,8 @@ class WorkerHandle:
         #: ``ready`` arrived (with the worker's own phase marks: :meth:`birth_phases`)
         self.requested_ns = 0
         self.ready_ns = 0
+        #: the loop's time when it last became idle (the pool sheds after ``idle_ttl_s``)
+        self.idle_since = 0.0
         self.channel_eof = False
         self.violation: str | None = None
         self._reading = False

@@ -78,13 +78,9 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
-import json
 import os
-import platform
-import re
 import select
 import sys
-import threading
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
@@ -248,7 +244,7 @@ _COMMON_SYSCALLS = {
 _AUDIT_ARCH = {"x86_64": 0xC000003E, "aarch64": 0xC00000B7}
 _X32_SYSCALL_BIT = 0x40000000
 
-_MACHINE = platform.machine()
+_MACHINE = os.uname().machine
 _NR: dict[str, int] = {**_SYSCALLS.get(_MACHINE, {}), **_COMMON_SYSCALLS}
 
 # Denied with EPERM by the seccomp layer. Why each (Docker's default profile, Chromium's and
@@ -521,6 +517,8 @@ def create_empty_netns() -> int:
         except BaseException as exc:  # reported to the caller below
             result.append(exc)
 
+    import threading  # the supervisor's; never imported into a zygote
+
     thread = threading.Thread(target=make, name="sandbox-netns", daemon=True)
     thread.start()
     thread.join()
@@ -774,6 +772,8 @@ def _expose(paths: Iterable[str]) -> None:
 
 
 def _unescape(text: str) -> str:
+    import re
+
     return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), text)
 
 
@@ -1331,6 +1331,7 @@ def _probe(config: IsolationConfig, netns_fd: int | None) -> dict[str, str]:
 
 
 def _run_probe(config: IsolationConfig, netns_fd: int | None) -> dict[str, str]:
+    import json
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:  # pragma: no cover - runs in the child
@@ -1416,5 +1417,5 @@ def detect(config: IsolationConfig, *, netns_fd: int | None = None) -> Isolation
     changes: dict[str, Any] = dict.fromkeys(off, False)
     effective = replace(config, **changes)
     return IsolationReport(mode=config.mode, layers=layers, effective=effective,
-                           kernel=platform.release(), machine=_MACHINE, root=root,
+                           kernel=os.uname().release, machine=_MACHINE, root=root,
                            landlock_abi=abi)

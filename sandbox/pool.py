@@ -30,14 +30,15 @@ import asyncio
 import collections
 import contextlib
 import itertools
-import logging
+import math
 import os
 import signal
 import socket
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+from sandbox._logging import get_logger
 from sandbox.handles import (
     DEATH_TIMEOUT_S,
     STATUS_TIMEOUT_S,
@@ -54,7 +55,62 @@ if TYPE_CHECKING:
 
 __all__ = ["Pool", "SlotAllocator"]
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
+
+
+def default_max_idle() -> int:
+    """The default cap on a pool's warm workers: 4 per core, at least 8."""
+    return max(8, 4 * (os.cpu_count() or 1))
+
+
+class Demand:
+    """How many warm workers a pool should keep: the arrival rate times the birth time (Little's
+    law: the workers that must already be on their way to meet the calls that will come while
+    one is born), times ``headroom``, within ``[min_idle, max_idle]``.
+
+    The arrival rate is an exponentially decaying count of acquisitions (time constant
+    ``window_s``): ``count`` tends to ``rate * window_s`` under steady load and to 0 in
+    silence. The birth time is a moving average of measured births. A profile that sees less
+    than one call per ``idle_ttl_s`` has no demand: with ``min_idle=0`` it scales to zero.
+
+    Pure arithmetic on the times it is given (no clock of its own), so it is tested alone.
+    """
+
+    def __init__(self, *, min_idle: int, max_idle: int, idle_ttl_s: float,
+                 headroom: float = 2.0, window_s: float = 1.0,
+                 birth_s: float = 0.005) -> None:
+        self.min_idle = min_idle
+        self.max_idle = max_idle
+        self.idle_ttl_s = idle_ttl_s
+        self.headroom = headroom
+        self.window_s = window_s
+        self.birth_s = birth_s
+        self._count = 0.0
+        self._last = 0.0
+
+    def arrival(self, now: float) -> None:
+        """One acquisition at ``now``."""
+        self._count = self._decayed(now) + 1.0
+        self._last = now
+
+    def born(self, seconds: float) -> None:
+        """One birth took ``seconds`` (request to ready)."""
+        self.birth_s += 0.2 * (seconds - self.birth_s)
+
+    def _decayed(self, now: float) -> float:
+        return self._count * math.exp(-max(0.0, now - self._last) / self.window_s)
+
+    def rate(self, now: float) -> float:
+        """Acquisitions per second, recently."""
+        return self._decayed(now) / self.window_s
+
+    def target(self, now: float) -> int:
+        """Warm workers to keep now."""
+        rate = self.rate(now)
+        want = 0
+        if rate * self.idle_ttl_s >= 1.0:
+            want = math.ceil(rate * self.birth_s * self.headroom)
+        return max(self.min_idle, min(self.max_idle, want))
 
 
 class Pool:
@@ -64,7 +120,8 @@ class Pool:
                  cgroups: CgroupManager | None, birth_config: Mapping[str, Any],
                  slots: SlotAllocator, isolation: Mapping[str, Any] | None = None,
                  netns_fd: int = -1, gc_freeze: bool = True,
-                 default_limits: Limits | None = None) -> None:
+                 default_limits: Limits | None = None, max_idle: int | None = None,
+                 idle_ttl_s: float = 60.0, max_births: int | None = None) -> None:
         self.profile = profile
         self.gc_freeze = gc_freeze
         self.default_limits = default_limits
@@ -74,6 +131,11 @@ class Pool:
         self.modules = tuple(modules)
         self.instance = instance
         self.min_idle = min_idle
+        self.max_idle = max(min_idle, max_idle if max_idle is not None else default_max_idle())
+        self.idle_ttl_s = idle_ttl_s
+        #: births under way at once, at most (more than the cores only queue in the zygote)
+        self.max_births = max_births or max(2, os.cpu_count() or 1)
+        self.demand = Demand(min_idle=min_idle, max_idle=self.max_idle, idle_ttl_s=idle_ttl_s)
         self.cgroups = cgroups
         self.memory_cgroup = bool(cgroups is not None and cgroups.available
                                   and cgroups.report.memory)
@@ -85,6 +147,12 @@ class Pool:
         self.busy: set[WorkerHandle] = set()
         self.workers: set[WorkerHandle] = set()
         self.starting = 0
+        #: births under way at normal priority (for callers waiting now), of ``starting``
+        self.urgent = 0
+        #: callers waiting for the next worker born (none was idle)
+        self._acquirers: collections.deque[asyncio.Future[tuple[WorkerHandle, bool]]] = \
+            collections.deque()
+        self._shed_timer: asyncio.TimerHandle | None = None
         self.closed = False
         self.zygote_starts = 0
         self.births = 0
@@ -93,6 +161,7 @@ class Pool:
         self._names = itertools.count(1)
         self._refill_tasks: set[asyncio.Task[None]] = set()
         self._refill_failures = 0
+        self.shed = 0
         self._waiters: list[asyncio.Future[None]] = []
 
     # zygote -------------------------------------------------------------------------------------
@@ -213,6 +282,8 @@ class Pool:
 
     def _record_birth(self, worker: WorkerHandle) -> None:
         self.births += 1
+        if worker.ready_ns and worker.requested_ns:
+            self.demand.born((worker.ready_ns - worker.requested_ns) / 1e9)
         phases = worker.birth_phases()
         if phases:
             self._birth_records.append(
@@ -247,7 +318,12 @@ class Pool:
         }
 
     async def acquire(self, fn: FunctionInfo, limits: Limits) -> tuple[WorkerHandle, bool, bool]:
-        """A ready worker for ``fn``: (worker, cold_start, forked_on_demand)."""
+        """A ready worker for ``fn``: (worker, cold_start, waited_for_a_birth).
+
+        Takes the most recently born idle worker (the oldest age out after ``idle_ttl_s``);
+        with none idle, waits for the next birth: one already under way, or one started now
+        at normal priority.
+        """
         network = limits.network and self.isolation is not None
         if fn.reuse > 1:
             queue = self.reusable.get(fn.key)
@@ -257,19 +333,35 @@ class Pool:
                     self.busy.add(worker)
                     return worker, False, False
                 self.discard(worker)
-        while self.idle and not network:
-            worker = self.idle.popleft()
+        loop = asyncio.get_running_loop()
+        self.demand.arrival(loop.time())
+        if network:
+            worker, cold = await self.spawn(network=True)
+            self.busy.add(worker)
+            return worker, cold, True
+        while self.idle:
+            worker = self.idle.pop()
             if worker.alive:
-                # The refill starts after the result is delivered (AsyncRuntime._run): on
-                # two cores, forking next to a running function slows the function down.
                 self.busy.add(worker)
+                self.refill()  # at idle priority while others are idle: spare CPU only
                 return worker, False, False
             self.discard(worker)
-        worker, cold = await self.spawn(network=network)
+        waiter: asyncio.Future[tuple[WorkerHandle, bool]] = loop.create_future()
+        self._acquirers.append(waiter)
+        self.refill()
+        try:
+            worker, cold = await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+                self._offer(*waiter.result())  # born for us after all: the next one's
+            else:
+                with contextlib.suppress(ValueError):
+                    self._acquirers.remove(waiter)
+            raise
         self.busy.add(worker)
         return worker, cold, True
 
-    def release(self, worker: WorkerHandle, *, keep_for: FunctionInfo | None) -> None:
+    def release(self, worker: WorkerHandle, keep_for: FunctionInfo | None = None) -> None:
         """Give a worker back after an invocation: keep it for reuse, or let it go."""
         self.busy.discard(worker)
         worker.execution = None
@@ -292,9 +384,11 @@ class Pool:
 
     def discard(self, worker: WorkerHandle) -> None:
         """Kill and forget a worker; its cgroup goes once it is dead."""
-        self.busy.discard(worker)
-        with contextlib.suppress(ValueError):
-            self.idle.remove(worker)
+        if worker in self.busy:
+            self.busy.discard(worker)
+        else:
+            with contextlib.suppress(ValueError):
+                self.idle.remove(worker)
         if worker.function_key is not None:
             queue = self.reusable.get(worker.function_key)
             if queue is not None:
@@ -348,39 +442,110 @@ class Pool:
         attempt(0)
 
     def refill(self) -> None:
-        """Start forks until ``min_idle`` workers are ready or starting (off the critical path)."""
+        """Start births until the warm target (:class:`Demand`) plus the waiting callers are
+        covered by idle workers and births under way; at most ``max_births`` at once.
+
+        Births for waiting callers run at normal priority; the others at idle priority (as
+        root), so they only use spare CPU and never slow a running invocation down.
+        """
         if self.closed:
             return
-        missing = self.min_idle - len(self.idle) - self.starting
-        for _ in range(max(0, missing)):
-            self.starting += 1
-            task = asyncio.ensure_future(self._refill_one())
-            self._refill_tasks.add(task)
-            task.add_done_callback(self._refill_tasks.discard)
+        waiting = len(self._acquirers)
+        # Births for waiting callers do not wait behind idle-priority ones (which a busy
+        # machine may starve): they count against the cap among themselves.
+        for _ in range(min(waiting - self.urgent, self.max_births - self.urgent)):
+            self._start_birth(urgent=True)
+        target = self.demand.target(asyncio.get_running_loop().time())
+        missing = target + waiting - len(self.idle) - self.starting
+        for _ in range(min(missing, self.max_births - self.starting)):
+            self._start_birth(urgent=False)
+        self._arm_shedding()
 
-    async def _refill_one(self) -> None:
+    def _start_birth(self, *, urgent: bool) -> None:
+        self.starting += 1
+        self.urgent += urgent
+        task = asyncio.ensure_future(self._birth(urgent))
+        self._refill_tasks.add(task)
+        task.add_done_callback(self._refill_tasks.discard)
+
+    async def _birth(self, urgent: bool) -> None:
         try:
             if self._refill_failures:
                 # Back off when births keep failing (a broken profile must not spin the CPU).
                 await asyncio.sleep(min(5.0, 0.05 * 2 ** self._refill_failures))
-            # At idle priority while a warm worker is still there to serve the next call; at
-            # normal priority once the pool is drained (else the next call forks on demand).
-            worker, _ = await self.spawn(warm=bool(self.idle))
+            # Idle priority only while an idle worker is there to serve the next call.
+            worker, cold = await self.spawn(warm=not urgent and bool(self.idle))
         except Exception as exc:
-            self._refill_failures += 1
-            if not self.closed:
-                log.warning("pool %s: could not start a warm worker: %s", self.profile, exc)
             self.starting -= 1
-            if not self.closed and self._refill_failures < 20:
+            self.urgent -= urgent
+            self._refill_failures += 1
+            # A worker that died at birth (its zygote was killed, say) is retried for the
+            # waiting callers; an error that will repeat (the profile cannot be imported),
+            # or a third failure in a row, is theirs to see.
+            transient = isinstance(exc, WorkerStartError) and self._refill_failures < 3
+            waiter = None if transient else self._next_acquirer()
+            if waiter is not None:
+                waiter.set_exception(exc)  # the caller learns why it got no worker
+            elif not self.closed:
+                log.warning("pool %s: could not start a worker: %s", self.profile, exc)
+            if self._refill_failures >= 20:
+                # Births keep failing: every waiting caller gets the error now, and the pool
+                # tries again only when a new call comes.
+                while (waiter := self._next_acquirer()) is not None:
+                    waiter.set_exception(exc)
+            elif not self.closed:
                 self.refill()
             return
+        except BaseException:
+            self.starting -= 1
+            self.urgent -= urgent
+            raise
         self.starting -= 1
+        self.urgent -= urgent
         self._refill_failures = 0
-        if self.closed:
+        self._offer(worker, cold)
+        self.refill()
+
+    def _next_acquirer(self) -> asyncio.Future[tuple[WorkerHandle, bool]] | None:
+        while self._acquirers:
+            waiter = self._acquirers.popleft()
+            if not waiter.done():
+                return waiter
+        return None
+
+    def _offer(self, worker: WorkerHandle, cold: bool) -> None:
+        """A ready worker: to the longest-waiting caller, else to the idle set."""
+        if self.closed or not worker.alive:
             self.discard(worker)
             return
+        waiter = self._next_acquirer()
+        if waiter is not None:
+            waiter.set_result((worker, cold))
+            return
+        worker.idle_since = asyncio.get_running_loop().time()
         self.idle.append(worker)
         self._notify()
+
+    def _arm_shedding(self) -> None:
+        if self._shed_timer is None and len(self.idle) > self.min_idle and not self.closed:
+            oldest = self.idle[0].idle_since
+            loop = asyncio.get_running_loop()
+            delay = max(0.0, oldest + self.idle_ttl_s - loop.time())
+            self._shed_timer = loop.call_later(delay, self._shed)
+
+    def _shed(self) -> None:
+        """Let go of idle workers above the warm target that waited ``idle_ttl_s``."""
+        self._shed_timer = None
+        if self.closed:
+            return
+        now = asyncio.get_running_loop().time()
+        target = self.demand.target(now)
+        while (len(self.idle) > target and self.idle
+               and self.idle[0].idle_since + self.idle_ttl_s <= now):
+            self.discard(self.idle.popleft())
+            self.shed += 1
+        self._notify()
+        self._arm_shedding()
 
     def _notify(self) -> None:
         for waiter in self._waiters:
@@ -390,24 +555,45 @@ class Pool:
 
     async def wait_warm(self) -> None:
         """Wait until ``min_idle`` workers are idle (event-driven, no polling)."""
-        while len(self.idle) < self.min_idle and not self.closed:
+        await self.wait_idle(lambda idle: idle >= self.min_idle, refill=True)
+
+    async def wait_idle(self, predicate: Callable[[int], bool], *, refill: bool = False
+                        ) -> None:
+        """Wait until ``predicate(number of idle workers)`` holds, or the pool closes
+        (event-driven: woken at every change of the idle set)."""
+        while not predicate(len(self.idle)) and not self.closed:
             waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             self._waiters.append(waiter)
-            self.refill()
+            if refill:
+                self.refill()
             await waiter
 
-    def sizes(self) -> dict[str, int]:
+    def sizes(self) -> dict[str, Any]:
+        now = asyncio.get_running_loop().time()
         return {
             "idle": len(self.idle),
             "busy": len(self.busy),
             "starting": self.starting,
+            "waiting": len(self._acquirers),
             "reusable": sum(len(q) for q in self.reusable.values()),
+            "target": self.demand.target(now),
+            "min_idle": self.min_idle,
+            "max_idle": self.max_idle,
+            "idle_ttl_s": self.idle_ttl_s,
+            "arrival_rate": round(self.demand.rate(now), 3),
+            "birth_ms": round(self.demand.birth_s * 1e3, 3),
+            "shed": self.shed,
         }
 
     async def close(self) -> None:
         """Kill every worker and the zygote; wait (bounded) until they are gone."""
         self.closed = True
         self._notify()
+        if self._shed_timer is not None:
+            self._shed_timer.cancel()
+            self._shed_timer = None
+        while (waiter := self._next_acquirer()) is not None:
+            waiter.set_exception(WorkerStartError(f"pool {self.profile!r} is closed"))
         for task in list(self._refill_tasks):
             task.cancel()
         if self._zygote_starting is not None:

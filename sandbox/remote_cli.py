@@ -118,7 +118,8 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         asyncio.run(serve(
             args.listen, args.state_dir, preload=preload, limits=defaults, max_limits=max_limits,
-            min_idle=args.min_idle, max_concurrency=args.workers, max_queue=args.max_queue,
+            min_idle=args.min_idle, max_idle=args.max_idle, idle_ttl_s=args.idle_ttl,
+            max_concurrency=args.workers, max_queue=args.max_queue,
             grace_s=args.grace, invoke_many_window=args.invoke_many_window,
             max_message_bytes=args.max_message_size, ready=ready, isolation=args.isolation))
     except SandboxError as exc:
@@ -254,7 +255,14 @@ def add_subcommands(subparsers: Any) -> None:
     p.add_argument("--workers", type=int, default=None, metavar="N",
                    help="invocations running at once (default: 4 per CPU)")
     p.add_argument("--min-idle", type=int, default=2, metavar="N",
-                   help="warm workers kept per profile (default: %(default)s)")
+                   help="warm workers always kept per profile; 0 lets a silent profile scale "
+                        "to zero (default: %(default)s)")
+    p.add_argument("--max-idle", type=int, default=None, metavar="N",
+                   help="most warm workers per profile; between the two the pool follows "
+                        "demand (default: 4 per CPU, at least 8)")
+    p.add_argument("--idle-ttl", type=float, default=60.0, metavar="SECONDS",
+                   help="warm workers above the demand are let go after this long idle "
+                        "(default: %(default)s)")
     p.add_argument("--max-queue", type=int, default=4096, metavar="N",
                    help="invocations waiting before RESOURCE_EXHAUSTED (default: %(default)s)")
     p.add_argument("--grace", type=float, default=10.0, metavar="SECONDS",

@@ -19,8 +19,8 @@ import atexit
 import concurrent.futures
 import contextlib
 import dataclasses
+import itertools
 import json
-import logging
 import os
 import sys
 import threading
@@ -33,6 +33,7 @@ from typing import Any
 import msgpack
 
 from sandbox import __version__, protocol
+from sandbox._logging import get_logger
 from sandbox.errors import (
     ConfigurationError,
     FunctionNotFound,
@@ -46,12 +47,12 @@ from sandbox.functions import FunctionInfo, make_function
 from sandbox.handles import STREAM_BUFFER_CHUNKS
 from sandbox.limits import DEFAULT_LIMITS, Limits, resolve
 from sandbox.outcome import ErrorInfo, InvocationResult, Outcome, Stats
-from sandbox.pool import Pool
+from sandbox.pool import Pool, default_max_idle
 
 __all__ = ["AsyncInvocation", "AsyncRuntime", "Invocation", "InvocationStream", "Runtime",
            "StreamIterator"]
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 MSGPACK = "application/msgpack"
 JSON = "application/json"
@@ -77,12 +78,15 @@ def _check_modules(name: str, modules: Sequence[str]) -> tuple[str, ...]:
 class _Ticket:
     """One invocation's handle inside the runtime: lets a caller cancel it at any stage."""
 
-    __slots__ = ("cancelled", "execution", "started", "task")
+    __slots__ = ("cancelled", "entered", "execution", "started", "task")
 
     def __init__(self) -> None:
         self.cancelled = False
         self.execution: Execution | None = None
         self.task: asyncio.Task[InvocationResult] | None = None
+        #: its task has begun to run (a task cancelled before that never enters its body,
+        #: so it could not answer CANCELLED: it finds ``cancelled`` set instead)
+        self.entered = False
         #: set once the invocation is on a worker (or will never be)
         self.started = asyncio.Event()
 
@@ -92,7 +96,7 @@ class _Ticket:
         self.cancelled = True
         if self.execution is not None:
             self.execution.cancel()
-        elif self.task is not None:
+        elif self.task is not None and self.entered:
             self.task.cancel()  # still queued or starting: _execute answers CANCELLED
 
 
@@ -118,7 +122,11 @@ class AsyncRuntime:
         limits: defaults for every function (a function's own limits replace them field by
             field; a call's limits can only tighten).
         max_limits: the operator's maxima; nothing can exceed them.
-        min_idle: warm workers kept ready per profile (0: fork every worker on demand).
+        min_idle: warm workers always kept ready per profile (0: a profile without traffic
+            scales to zero and forks on demand when calls come back).
+        max_idle: the most warm workers a pool keeps (default 4 per core, at least 8). Between
+            the two, the warm target follows demand: arrival rate x birth time x 2.
+        idle_ttl_s: warm workers above the target are let go after waiting this long.
         max_concurrency: invocations running at once (default: 4 per CPU, at least 4).
         max_queue: invocations waiting for a slot before new ones get :class:`Overloaded`.
         cgroups: use cgroups for memory, processes, CPU accounting and tree kills; None
@@ -147,6 +155,8 @@ class AsyncRuntime:
         limits: Limits = DEFAULT_LIMITS,
         max_limits: Limits | None = None,
         min_idle: int = 2,
+        max_idle: int | None = None,
+        idle_ttl_s: float = 60.0,
         max_concurrency: int | None = None,
         max_queue: int = 4096,
         cgroups: bool | None = None,
@@ -161,6 +171,13 @@ class AsyncRuntime:
             raise ConfigurationError("max_limits must be a sandbox.Limits or None")
         if isinstance(min_idle, bool) or not isinstance(min_idle, int) or min_idle < 0:
             raise ConfigurationError(f"min_idle must be an int >= 0, got {min_idle!r}")
+        if max_idle is not None and (isinstance(max_idle, bool) or not isinstance(max_idle, int)
+                                     or max_idle < min_idle):
+            raise ConfigurationError(f"max_idle must be an int >= min_idle ({min_idle}), got "
+                                     f"{max_idle!r}")
+        if isinstance(idle_ttl_s, bool) or not isinstance(idle_ttl_s, int | float) \
+                or not idle_ttl_s > 0:
+            raise ConfigurationError(f"idle_ttl_s must be a number > 0, got {idle_ttl_s!r}")
         if max_concurrency is None:
             max_concurrency = max(4, 4 * (os.cpu_count() or 1))
         if isinstance(max_concurrency, bool) or not isinstance(max_concurrency, int) \
@@ -175,6 +192,8 @@ class AsyncRuntime:
         self.limits = limits
         self.max_limits = max_limits
         self.min_idle = min_idle
+        self.max_idle = max(min_idle, max_idle if max_idle is not None else default_max_idle())
+        self.idle_ttl_s = float(idle_ttl_s)
         self.max_concurrency = max_concurrency
         self.max_queue = max_queue
         self._cgroups_wanted = cgroups
@@ -190,6 +209,10 @@ class AsyncRuntime:
         # so an operator (or a test) can find them; SANDBOX_INSTANCE_TAG prefixes it.
         tag = os.environ.get("SANDBOX_INSTANCE_TAG", "")
         self.instance = f"{tag + '/' if tag else ''}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        # Invocation ids: 32 hex digits, unique per runtime by a counter (a uuid4 per call
+        # would cost a getrandom system call), and across runtimes by a random base.
+        self._id_base = uuid.uuid4().hex[:20]
+        self._id_counter = itertools.count(1)
         self._functions: dict[str, dict[int, FunctionInfo]] = {}
         self._pools: dict[str, Pool] = {}
         self._cgroups: Any = None
@@ -329,7 +352,8 @@ class AsyncRuntime:
         pool = Pool(name, self._profiles[name], instance=self.instance, min_idle=self.min_idle,
                     cgroups=self._cgroups, birth_config={}, slots=self._slots_alloc,
                     isolation=iso, netns_fd=self._netns_fd, gc_freeze=self.gc_freeze,
-                    default_limits=resolve(None, None, self.limits, self.max_limits))
+                    default_limits=resolve(None, None, self.limits, self.max_limits),
+                    max_idle=self.max_idle, idle_ttl_s=self.idle_ttl_s)
         self._pools[name] = pool
         await pool.start()
 
@@ -534,7 +558,8 @@ class AsyncRuntime:
         fn, data, effective = self._prepare(name, event, version, limits, payload, content_type)
         self._admit()
         return _Call(fn, data, content_type, effective, deadline,
-                     invocation_id or uuid.uuid4().hex, _Ticket())
+                     invocation_id or f"{self._id_base}{next(self._id_counter):012x}",
+                     _Ticket())
 
     def _admit(self) -> None:
         assert self._slots is not None
@@ -546,6 +571,10 @@ class AsyncRuntime:
         assert self._slots is not None
         ticket, invocation_id = call.ticket, call.id
         t0 = time.monotonic()
+        ticket.entered = True
+        if ticket.cancelled:
+            ticket.started.set()
+            return _cancelled(invocation_id, 0.0)
         self._inflight.add(ticket)
         try:
             self._queued += 1
@@ -608,12 +637,15 @@ class AsyncRuntime:
                               on_demand=on_demand, decode=decode)
         keep = (fn if result.outcome is Outcome.OK and not execution.killed and not last
                 and not self._grew(execution) else None)
-        pool.release(worker, keep_for=keep)
-        if keep is not None:
-            worker.limits = limits
-        # Refill once the caller has its result: two hops, so the callbacks that deliver the
-        # result (queued when this task finishes) run first.
         loop = asyncio.get_running_loop()
+        if keep is not None:
+            pool.release(worker, keep_for=keep)  # at once: the next call may want it
+            worker.limits = limits
+        else:
+            # Teardown (kill, close, reap, cgroup clean-up) once the caller has its result:
+            # two hops, so the callbacks that deliver it (queued when this task ends) go first.
+            loop.call_soon(loop.call_soon, pool.release, worker, None)
+        # Refill after that too, for the same reason.
         loop.call_soon(loop.call_soon, pool.refill)
         if caller_cancelled and not ticket.cancelled:
             raise asyncio.CancelledError
@@ -727,6 +759,20 @@ class AsyncRuntime:
         await asyncio.wait_for(
             asyncio.gather(*(pool.wait_warm() for pool in self._pools.values())), timeout)
 
+    async def wait_idle(self, *, at_least: int = 0, at_most: int | None = None,
+                        profile: str = DEFAULT_PROFILE, timeout: float | None = 60.0) -> None:
+        """Wait until ``profile``'s pool holds between ``at_least`` and ``at_most`` idle
+        workers (e.g. to see it scale up with demand, or shed to zero in silence).
+
+        Raises:
+            ConfigurationError: no such profile. TimeoutError: not within ``timeout``.
+        """
+        pool = self._pools.get(profile)
+        if pool is None:
+            raise ConfigurationError(f"profile {profile!r} is not running")
+        await asyncio.wait_for(pool.wait_idle(
+            lambda n: n >= at_least and (at_most is None or n <= at_most)), timeout)
+
     # introspection ------------------------------------------------------------------------------
     def info(self) -> dict[str, Any]:
         """Version, profiles, pool sizes, queue, and the isolation in force."""
@@ -747,6 +793,8 @@ class AsyncRuntime:
             "max_concurrency": self.max_concurrency,
             "max_queue": self.max_queue,
             "min_idle": self.min_idle,
+            "max_idle": self.max_idle,
+            "idle_ttl_s": self.idle_ttl_s,
             "limits": self.limits.to_dict(),
             "max_limits": None if self.max_limits is None else self.max_limits.to_dict(),
             "isolation": self.isolation_report(),
@@ -1124,6 +1172,10 @@ class Runtime:
     def wait_warm(self, timeout: float | None = 60.0) -> None:
         """See :meth:`AsyncRuntime.wait_warm`."""
         self._call(self._rt.wait_warm(timeout))
+
+    def wait_idle(self, **kwargs: Any) -> None:
+        """See :meth:`AsyncRuntime.wait_idle`."""
+        self._call(self._rt.wait_idle(**kwargs))
 
     def close(self, grace_s: float = 5.0) -> None:
         """Stop everything; nothing the runtime started is left running. Idempotent."""

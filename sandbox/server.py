@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import logging
 import math
 import os
 import signal
@@ -41,6 +40,7 @@ from google.protobuf import timestamp_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from sandbox._logging import get_logger
 from sandbox._proto.sandbox.v1 import sandbox_pb2 as pb
 from sandbox._proto.sandbox.v1 import sandbox_pb2_grpc as pb_grpc
 from sandbox.errors import (
@@ -74,7 +74,7 @@ __all__ = [
     "status_for",
 ]
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["Sandbox"].full_name
 CONTENT_TYPES = ("application/msgpack", "application/json")
@@ -370,7 +370,12 @@ class SandboxServicer(pb_grpc.SandboxServicer):
                 profiles=[pb.Profile(name=name, modules=list(mods))
                           for name, mods in sorted(info.get("profiles", {}).items())],
                 pools=[pb.Pool(profile=name, idle=p.get("idle", 0), busy=p.get("busy", 0),
-                               starting=p.get("starting", 0), queued=p.get("queued", 0))
+                               starting=p.get("starting", 0), queued=p.get("queued", 0),
+                               target=p.get("target", 0), min_idle=p.get("min_idle", 0),
+                               max_idle=p.get("max_idle", 0),
+                               idle_ttl_s=p.get("idle_ttl_s", 0.0),
+                               arrival_rate=p.get("arrival_rate", 0.0),
+                               birth_ms=p.get("birth_ms", 0.0), waiting=p.get("waiting", 0))
                        for name, p in sorted(info.get("pools", {}).items())],
                 isolation=[pb.IsolationLayer(name=name, available=bool(layer.get("available")),
                                              enabled=bool(layer.get("enabled")),
@@ -643,6 +648,8 @@ async def serve(
     limits: Limits | None = None,
     max_limits: Limits | None = None,
     min_idle: int = 2,
+    max_idle: int | None = None,
+    idle_ttl_s: float = 60.0,
     max_concurrency: int | None = None,
     max_queue: int = 4096,
     grace_s: float = 10.0,
@@ -668,7 +675,8 @@ async def serve(
             if unique:
                 profiles[profile_name(unique)] = unique
         runtime_kwargs: dict[str, Any] = {"profiles": profiles, "max_limits": max_limits,
-                                          "min_idle": min_idle,
+                                          "min_idle": min_idle, "max_idle": max_idle,
+                                          "idle_ttl_s": idle_ttl_s,
                                           "max_concurrency": max_concurrency,
                                           "max_queue": max_queue, "isolation": isolation}
         if limits is not None:

@@ -36,7 +36,6 @@ import fcntl
 import hashlib
 import io
 import json
-import logging
 import os
 import re
 import stat
@@ -48,6 +47,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
+from sandbox._logging import get_logger
 from sandbox.errors import ConfigurationError, FunctionNotFound, InvalidRequest
 from sandbox.limits import Limits
 
@@ -60,7 +60,7 @@ __all__ = [
     "profile_name",
 ]
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 SourceFormat = Literal["python", "zip"]
 

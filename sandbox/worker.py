@@ -24,7 +24,6 @@ from __future__ import annotations
 import gc
 import importlib
 import importlib.util
-import inspect
 import json
 import marshal
 import os
@@ -41,7 +40,7 @@ from typing import Any
 
 import msgpack
 
-from sandbox import _linux, cgroups
+from sandbox import _linux
 from sandbox.protocol import HEADER, encode_frame
 
 __all__ = ["Context", "main"]
@@ -176,7 +175,7 @@ def _birth(channel_fd: int, stdout_fd: int, stderr_fd: int, config: Mapping[str,
     _mark("process")
 
     def join_cgroups() -> None:
-        cgroups.join(config.get("cgroup_procs", ()))
+        _linux.join_cgroups(config.get("cgroup_procs", ()))
 
     isolation_config = config.get("isolation")
     if isolation_config is not None:
@@ -357,9 +356,9 @@ def _flush_stdio() -> None:
 
 def _iterate(value: Any) -> Iterator[Any] | None:
     """The values to stream, if the handler returned a generator (sync or async)."""
-    if inspect.isgenerator(value):
+    if isinstance(value, types.GeneratorType):
         return value
-    if inspect.isasyncgen(value):
+    if isinstance(value, types.AsyncGeneratorType):
         import asyncio
 
         agen = value
@@ -394,7 +393,7 @@ def _invoke(sock: Any, msg: Mapping[str, Any], config: Mapping[str, Any]) -> Non
         event = _decode_event(msg["event"], content_type)
         context = Context(msg["id"], fn["name"], fn["version"], limits, deadline)
         value = handler(event, context)
-        if inspect.iscoroutine(value):
+        if isinstance(value, types.CoroutineType):
             import asyncio
 
             value = asyncio.run(value)
@@ -435,8 +434,12 @@ def _invoke(sock: Any, msg: Mapping[str, Any], config: Mapping[str, Any]) -> Non
         terminal = {"t": "failed", "type": name, "message": message, "traceback": tb,
                     "output_limit": False}
     _flush_stdio()
-    terminal["rss"] = _rss_bytes()
-    terminal["cpu"] = _cpu_s()
+    # One getrusage each: peak resident set of the worker, CPU of the worker and of the
+    # children it reaped (what the supervisor reports for an OK call without reading cgroupfs).
+    own = resource.getrusage(_SELF)
+    reaped = resource.getrusage(resource.RUSAGE_CHILDREN)
+    terminal["rss"] = own.ru_maxrss * 1024
+    terminal["cpu"] = own.ru_utime + own.ru_stime + reaped.ru_utime + reaped.ru_stime
     _send(sock, terminal)
 
 

@@ -1596,4 +1596,6 @@ def test_nothing_left_over_marked(watch: Watch) -> None:
     """Only the runtime's zygote and idle workers carry its mark now."""
     watch.assert_clean(case="end of module")
     sizes = watch.rt.info()["pools"]["default"]
-    assert sizes["idle"] == watch.rt.async_runtime.min_idle and sizes["busy"] == 0
+    # The warm target follows demand: at least min_idle, at most max_idle, none busy.
+    assert sizes["min_idle"] <= sizes["idle"] <= sizes["max_idle"], sizes
+    assert sizes["busy"] == 0, sizes

@@ -299,18 +299,32 @@ class Profile(_message.Message):
     def __init__(self, name: _Optional[str] = ..., modules: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Pool(_message.Message):
-    __slots__ = ("profile", "idle", "busy", "starting", "queued")
+    __slots__ = ("profile", "idle", "busy", "starting", "queued", "target", "min_idle", "max_idle", "idle_ttl_s", "arrival_rate", "birth_ms", "waiting")
     PROFILE_FIELD_NUMBER: _ClassVar[int]
     IDLE_FIELD_NUMBER: _ClassVar[int]
     BUSY_FIELD_NUMBER: _ClassVar[int]
     STARTING_FIELD_NUMBER: _ClassVar[int]
     QUEUED_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    MIN_IDLE_FIELD_NUMBER: _ClassVar[int]
+    MAX_IDLE_FIELD_NUMBER: _ClassVar[int]
+    IDLE_TTL_S_FIELD_NUMBER: _ClassVar[int]
+    ARRIVAL_RATE_FIELD_NUMBER: _ClassVar[int]
+    BIRTH_MS_FIELD_NUMBER: _ClassVar[int]
+    WAITING_FIELD_NUMBER: _ClassVar[int]
     profile: str
     idle: int
     busy: int
     starting: int
     queued: int
-    def __init__(self, profile: _Optional[str] = ..., idle: _Optional[int] = ..., busy: _Optional[int] = ..., starting: _Optional[int] = ..., queued: _Optional[int] = ...) -> None: ...
+    target: int
+    min_idle: int
+    max_idle: int
+    idle_ttl_s: float
+    arrival_rate: float
+    birth_ms: float
+    waiting: int
+    def __init__(self, profile: _Optional[str] = ..., idle: _Optional[int] = ..., busy: _Optional[int] = ..., starting: _Optional[int] = ..., queued: _Optional[int] = ..., target: _Optional[int] = ..., min_idle: _Optional[int] = ..., max_idle: _Optional[int] = ..., idle_ttl_s: _Optional[float] = ..., arrival_rate: _Optional[float] = ..., birth_ms: _Optional[float] = ..., waiting: _Optional[int] = ...) -> None: ...
 
 class IsolationLayer(_message.Message):
     __slots__ = ("name", "available", "enabled", "reason")

@@ -85,7 +85,8 @@ class Method:
     def ready(self) -> None:
         """Wait, untimed, until the method is warm (e.g. its pre-forked workers are ready), so
         a timed call never includes a fork the method would normally have done ahead of time.
-        Suites call it before each timed sequential call and before each throughput level."""
+        The light-load suites call it before each timed call, the throughput suite before each
+        level; the sustained suite never does (there each call pays for the birth it needs)."""
 
     def call(self, event: dict[str, Any]) -> Any:
         """Run one invocation and return its result."""

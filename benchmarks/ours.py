@@ -240,7 +240,7 @@ class _Embedded(Method):
         pids = sorted({int(r.stats.worker_pid) for r in results if r.stats.worker_pid})
         if len(pids) < count:
             raise RuntimeError(f"wanted {count} distinct workers, got {pids}")
-        info = self.rt.info()["pools"][_profile_name(self.preload, self.modules)]
+        info = self.info()["pools"][_profile_name(self.preload, self.modules)]
         zygote = info.get("zygote_pid")
         if zygote:
             children = {c.pid for c in psutil.Process(zygote).children()}

@@ -45,7 +45,8 @@ BASELINES: dict[str, Baseline] = {
         "ppe-warm",
         "p50_ms",
         about="Time from invoke to result for a function "
-        "that uses its preloaded modules (`op=use`), one call at a time.",
+        "that uses its preloaded modules (`op=use`), one call at a time, at light load: the "
+        "harness waits for a warm pool before each call.",
     ),
     "latency": Baseline(
         "ppe-warm",
@@ -59,8 +60,10 @@ BASELINES: dict[str, Baseline] = {
         "grpc-echo",
         "throughput_per_s",
         about="Echo calls per second with N "
-        "calls in flight. Modes: `isolated` (a process per call), `reuse` (a worker serves many "
-        "calls), `floor` (a bare gRPC echo server, no process at all).",
+        "calls in flight, sustained: no pauses between calls (the harness waits for a warm pool "
+        "once, before each level). Modes: `isolated` (a process per call), `reuse` (a worker "
+        "serves many calls), `floor` (a bare gRPC echo server, no process at all). The "
+        "`sustained` suite has the same regime with the fork-and-reap floor beside it.",
     ),
     "timeouts": Baseline(
         "pebble-warm",
@@ -77,8 +80,9 @@ BASELINES: dict[str, Baseline] = {
         "uss_bytes",
         about="USS of an idle worker (after one full gc in "
         "the worker) per preload profile, with and without gc.freeze() in the parent before the "
-        "fork; and the supervisor's memory with 1000 calls queued (RSS column). Time columns: "
-        "time to get the idle workers / to queue the calls.",
+        "fork (a warm pool at rest: light load); and the supervisor's memory with 1000 calls "
+        "queued (RSS column; sustained). Time columns: time to get the idle workers / to queue "
+        "the calls.",
     ),
     "paper": Baseline(
         "subprocess-fresh",
@@ -224,20 +228,26 @@ def ratios_markdown(res: SuiteResult) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _phase_cells(label: str, stats: list[dict[str, float] | None]) -> str:
-    """One line of a phase table: p50 (p90, p99) per configuration, and the ratio of the
-    first two p50s when there are exactly two."""
+def _phase_cells(
+    label: str, stats: list[dict[str, float] | None], faults: list[int | None] | None = None
+) -> str:
+    """One line of a phase table: p50 (p90, p99) per configuration, the ratio of the first two
+    p50s when there are exactly two, and the median minor page faults per configuration when
+    the runtime reports them."""
     text = " | ".join(
         f"{v['p50']:.3g} ({v['p90']:.3g}, {v['p99']:.3g})" if v else "—" for v in stats
     )
     if len(stats) == 2:
         a, b = (v["p50"] if v else None for v in stats)
         text += f" | {a / b:.3g}×" if a and b else " | —"
+    if faults is not None:
+        text += " | " + " | ".join("—" if f is None else f"{f:,}" for f in faults)
     return f"| {label} | {text} |"
 
 
 def births_markdown(res: SuiteResult) -> str:
-    """The births suite's phase tables: per scenario, p50 (p90, p99) per phase, per config."""
+    """The births suite's phase tables: per scenario, p50 (p90, p99) per phase, per config;
+    page faults per phase when the runtime reports them (`phase_faults`)."""
     data = res.extra.get("births")
     if not data:
         return ""
@@ -246,16 +256,23 @@ def births_markdown(res: SuiteResult) -> str:
         if not by_config:
             continue
         configs = list(by_config)
+        with_faults = any("phase_faults" in d for d in by_config.values())
         head = "| phase | " + " | ".join(f"{c}: p50 (p90, p99) ms" for c in configs)
         if len(configs) == 2:
             head += f" | {configs[0]} ÷ {configs[1]}, p50"
-        lines = [head + " |", "|---|" + "--:|" * (len(configs) + (len(configs) == 2))]
+        if with_faults:
+            head += " | " + " | ".join(f"{c}: minor faults (median)" for c in configs)
+        n_cols = len(configs) + (len(configs) == 2) + (len(configs) if with_faults else 0)
+        lines = [head + " |", "|---|" + "--:|" * n_cols]
         lines.append(_phase_cells(
-            "**total** (request → ready)", [by_config[c].get("total_ms") or None for c in configs]
+            "**total** (request → ready)", [by_config[c].get("total_ms") or None for c in configs],
+            [None] * len(configs) if with_faults else None,
         ))  # fmt: skip
         for phase in phase_order(by_config):
             lines.append(_phase_cells(
-                phase, [by_config[c].get("phases_ms", {}).get(phase) for c in configs]
+                phase, [by_config[c].get("phases_ms", {}).get(phase) for c in configs],
+                [by_config[c].get("phase_faults", {}).get(phase) for c in configs]
+                if with_faults else None,
             ))  # fmt: skip
         counts = ", ".join(
             f"{c}: {d.get('births', 0)} births, {d.get('sampled', 0)} sampled"

@@ -6,7 +6,8 @@ isolation layer and with none, in the same run.
 
 Scenarios (both configurations in each):
 
-    on-demand-sequential   min_idle=0: every call forks its worker; calls back to back, the
+    on-demand-sequential   min_idle=0, max_idle=0 (`sandbox-fork`): every call forks its worker
+                           (the notes count the calls that did); calls back to back, the
                            two runtimes alternating call by call (A B A B...) so both see the
                            same machine noise
     16-callers             the runtime's defaults (warm pool) and 16 callers without pauses:
@@ -82,6 +83,8 @@ def births(cfg: Config) -> list[Unit]:
             def measure() -> None:
                 lat: dict[str, list[int]] = {c: [] for c, _ in ms}
                 before = {c: _births(m)["births"] for c, m in ms}
+                for _, m in ms:
+                    m.take_on_demand()
                 for _ in range(n):
                     for config, m in ms:
                         t0 = time.perf_counter_ns()
@@ -89,6 +92,10 @@ def births(cfg: Config) -> list[Unit]:
                         lat[config].append(time.perf_counter_ns() - t0)
                 for config, m in ms:
                     info = _births(m)
+                    res.notes.append(
+                        f"{ON_DEMAND} ({config}): {m.take_on_demand()} of {n} calls were served "
+                        "by a worker forked on demand"
+                    )
                     data[ON_DEMAND][config] = {
                         "lat": lat[config], "wall": sum(lat[config]),
                         "births": info["births"] - before[config], "info": info,
@@ -106,10 +113,15 @@ def births(cfg: Config) -> list[Unit]:
             def measure() -> None:
                 m.call(event)  # the one untimed warm-up; no waiting for a warm pool
                 before = _births(m)["births"]
+                m.take_on_demand()
                 t0 = time.perf_counter_ns()
                 lat = m.run_inflight([event] * total, LOADED_CALLERS)
                 wall = time.perf_counter_ns() - t0
                 info = _births(m)
+                res.notes.append(
+                    f"{LOADED} ({config}): {m.take_on_demand()} of {total} calls were served by "
+                    "a worker forked on demand (no warm worker was idle)"
+                )
                 data[LOADED][config] = {
                     "lat": lat, "wall": wall, "births": info["births"] - before, "info": info,
                 }  # fmt: skip

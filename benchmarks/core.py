@@ -356,6 +356,22 @@ _VERSIONED = (
 )  # fmt: skip
 
 
+def _git() -> dict[str, Any] | None:
+    """The checkout measured: commit, and whether `sandbox/` differs from it (None outside a
+    git checkout)."""
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        commit = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True,
+                                text=True, check=True, timeout=10).stdout.strip()
+        changed = subprocess.run(["git", "-C", root, "status", "--porcelain", "--", "sandbox"],
+                                 capture_output=True, text=True, check=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return {"commit": commit, "sandbox_changed": bool(changed.strip())}  # fmt: skip
+
+
 def machine_info() -> dict[str, Any]:
     model = ""
     try:
@@ -393,4 +409,5 @@ def machine_info() -> dict[str, Any]:
             k: os.environ[k] for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE") if k in os.environ
         },
         "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "git": _git(),
     }

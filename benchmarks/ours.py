@@ -1,6 +1,8 @@
 """Our methods, against the public API of `sandbox` (imported lazily, at setup).
 
-    sandbox-fork         AsyncRuntime(min_idle=0): every call forks a worker from the zygote
+    sandbox-fork         AsyncRuntime(min_idle=0, max_idle=0): every call forks a worker from the
+                         zygote (max_idle=0 where the runtime has it: a pool that follows demand
+                         would otherwise keep warm workers even with min_idle=0)
     sandbox-prefork      AsyncRuntime(min_idle=2), reuse=1: a pre-forked, single-use worker
     sandbox-reuse        AsyncRuntime(min_idle=2), reuse=REUSE: a worker serves many calls
     sandbox-grpc-unary   `sandbox serve` in its own process, `Client.invoke` per call
@@ -22,7 +24,7 @@ suites' notes.
 
 Options of the embedded methods (keyword arguments of the method class):
     runtime_defaults=True   AsyncRuntime(profiles=...) and nothing else: the runtime's defaults
-    isolation=..., cgroups=..., min_idle=...   passed to AsyncRuntime as given
+    isolation=..., cgroups=..., min_idle=..., max_idle=...   passed to AsyncRuntime as given
     reuse=N, gc_freeze=False, max_concurrency=N
 """
 
@@ -80,9 +82,19 @@ async def _maybe_await(value: Any) -> Any:
     return await value if inspect.isawaitable(value) else value
 
 
+def _accepts(cls: Any, name: str) -> bool:
+    """Whether `cls(...)` takes the keyword `name` (the runtime's options grow over time)."""
+    try:
+        return name in inspect.signature(cls).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 class _Embedded(Method):
     family = "ours"
     min_idle: ClassVar[int] = 0
+    #: passed when not None and the runtime has the option
+    max_idle: ClassVar[int | None] = None
     reuse: ClassVar[int] = 1
     idle_freeze_modes: ClassVar[tuple[bool, ...]] = (True, False)
     rt: Any = None
@@ -104,7 +116,9 @@ class _Embedded(Method):
                 max_concurrency=self.options.get("max_concurrency"),
                 max_queue=4096,
             )
-        for key in ("isolation", "cgroups", "min_idle"):
+        if self.max_idle is not None and _accepts(AsyncRuntime, "max_idle"):
+            kwargs["max_idle"] = self.max_idle
+        for key in ("isolation", "cgroups", "min_idle", "max_idle"):
             if key in self.options:
                 kwargs[key] = self.options[key]
         if self.options.get("gc_freeze") is False:  # the zygote freezes by default (DESIGN)
@@ -267,6 +281,7 @@ class _Embedded(Method):
 class SandboxFork(_Embedded):
     name = "sandbox-fork"
     min_idle = 0
+    max_idle = 0
 
 
 @register

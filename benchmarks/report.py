@@ -111,9 +111,9 @@ BASELINES: dict[str, Baseline] = {
         "p50_ms",
         about="Worker births, every isolation layer (the runtime's defaults; strict as root) "
         "against none (`isolation=\"off\", cgroups=False`), same run. `on-demand-sequential`: "
-        "`min_idle=0`, every call forks its worker, calls back to back, the two runtimes "
-        "alternating call by call. `16-callers`: the runtime's defaults, 16 callers without "
-        "pauses (the pool births a worker per call). calls/s counts calls, births/s the "
+        "`min_idle=0, max_idle=0`, every call forks its worker, calls back to back, the two "
+        "runtimes alternating call by call. `16-callers`: the runtime's defaults, 16 callers "
+        "without pauses (the pool births a worker per call). calls/s counts calls, births/s the "
         "births the runtime counted during them. The phase breakdown is the runtime's own "
         "(`info()[\"pools\"][\"default\"][\"births\"]`), p50 per phase in birth order.",
     ),
@@ -299,8 +299,14 @@ def to_markdown(res: SuiteResult, machine: dict[str, Any]) -> str:
     head += (
         f"Machine: {machine.get('cpu_count')} CPUs ({machine.get('cpu_model') or 'unknown'}), "
         f"Python {machine.get('python')}, Linux {machine.get('kernel')}, "
-        f"{machine.get('time_utc')}.\n\n"
+        f"{machine.get('time_utc')}."
     )
+    git = machine.get("git")
+    if git:
+        head += f" Checkout {git['commit'][:10]}" + (
+            " with uncommitted changes in `sandbox/`." if git.get("sandbox_changed") else "."
+        )
+    head += "\n\n"
     if base is not None:
         what = {"p50_ms": "p50", "throughput_per_s": "calls/s", "uss_bytes": "memory"}[base.metric]
         ratio_head = f"{base.method} / row ({what})" if base.speedup else f"{what} / {base.method}"

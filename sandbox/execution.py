@@ -64,6 +64,9 @@ class Execution:
         self.violation: str | None = None
         self.killed = False
         self.started = 0.0
+        #: ``time.monotonic_ns()`` when the invoke was sent and the terminal frame arrived
+        self.sent_ns = 0
+        self.received_ns = 0
         self.oom_before = 0
         self.cpu_before = 0.0
         self._timers: list[asyncio.TimerHandle] = []
@@ -85,6 +88,7 @@ class Execution:
                 self.chunk_sink(msg.data)
             return
         if isinstance(msg, protocol.Result | protocol.Failed):
+            self.received_ns = time.monotonic_ns()
             self.terminal = msg
             self._finish()
             return
@@ -207,6 +211,7 @@ class Execution:
         if self.limits.cpu_time_s is not None:
             self._timers.append(self.loop.call_later(
                 max(0.005, self.limits.cpu_time_s / (os.cpu_count() or 1)), self._on_cpu_check))
+        self.sent_ns = time.monotonic_ns()
         with contextlib.suppress(OSError):
             # On failure the worker died or closed the channel: its death decides.
             await worker.send(message)
@@ -332,6 +337,8 @@ def build_result(execution: Execution, *, queue_s: float, startup_s: float, cold
         cpu_s = cpu_s if cpu_s is not None else terminal.cpu_s
         peak = peak if peak is not None else terminal.rss_bytes
     run_s = time.monotonic() - execution.started
+    marks = terminal.marks if terminal is not None else ()
+    function_s = (marks[2] - marks[1]) / 1e9 if marks else None
     return InvocationResult(
         id=execution.id,
         outcome=outcome,
@@ -345,5 +352,6 @@ def build_result(execution: Execution, *, queue_s: float, startup_s: float, cold
         chunks=execution.chunks,
         stats=Stats(queue_s=queue_s, startup_s=startup_s, run_s=run_s, cpu_s=cpu_s,
                     peak_memory_bytes=peak, cold_start=cold, forked_on_demand=on_demand,
-                    worker_pid=worker.pid, worker_invocations=worker.served),
+                    worker_pid=worker.pid, worker_invocations=worker.served,
+                    function_s=function_s),
     )

@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import itertools
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -254,6 +255,11 @@ class ZygoteHandle:
             raise WorkerStartError(f"zygote {self.profile!r}: {exc}") from exc
         return await fut
 
+    @property
+    def pidfd(self) -> int | None:
+        """The zygote's pidfd (readable once it has died), None once reaped."""
+        return self._pidfd
+
     def kill(self) -> None:
         """SIGKILL the zygote (its workers follow by their death signal)."""
         if self._pidfd is not None and self.alive:
@@ -349,6 +355,19 @@ class WorkerHandle:
     @property
     def alive(self) -> bool:
         return not self.dead.done()
+
+    def usable(self) -> bool:
+        """Alive, and neither it nor its zygote has died in a way the event loop has not
+        dispatched yet (a dead zygote's workers are doomed: their death signal is on its way).
+        Asks the kernel: one ``select`` on the two pidfds."""
+        if not self.alive or self.pidfd < 0 or not self.zygote.alive:
+            return False
+        fds = [self.pidfd]
+        zygote_fd = self.zygote.pidfd
+        if zygote_fd is not None:
+            fds.append(zygote_fd)
+        readable, _, _ = select.select(fds, [], [], 0)
+        return not readable
 
     def birth_phases(self) -> list[tuple[str, float, int]]:
         """Where this worker's birth went, in order: (phase, seconds, minor page faults in

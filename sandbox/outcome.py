@@ -88,6 +88,8 @@ class Stats:
         forked_on_demand: no warm worker was idle; one was forked for this invocation.
         worker_pid: the worker's pid (as seen by the supervisor).
         worker_invocations: how many invocations this worker has served, this one included.
+        function_s: the handler's own run, measured in the worker (None if it never
+            finished): ``run_s - function_s`` is what the isolation cost this call.
     """
 
     queue_s: float = 0.0
@@ -99,6 +101,7 @@ class Stats:
     forked_on_demand: bool = False
     worker_pid: int | None = None
     worker_invocations: int = 1
+    function_s: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -58,6 +58,15 @@ __all__ = ["Pool", "SlotAllocator"]
 log = get_logger(__name__)
 
 
+def summarize_ms(values: list[float]) -> dict[str, float]:
+    """p50/p90/p99 of durations in seconds, in milliseconds ({} for none)."""
+    if not values:
+        return {}
+    values = sorted(values)
+    n = len(values)
+    return {f"p{q}": round(values[min(n - 1, n * q // 100)] * 1e3, 4) for q in (50, 90, 99)}
+
+
 def default_max_idle() -> int:
     """The default cap on a pool's warm workers: 4 per core, at least 8."""
     return max(8, 4 * (os.cpu_count() or 1))
@@ -200,6 +209,9 @@ class Pool:
     def _on_zygote_death(self, zyg: ZygoteHandle) -> None:
         if self.zygote is zyg:
             self.zygote = None
+        # Its idle workers are doomed (their death signal is on its way): never hand one out.
+        for worker in [w for w in self.idle if w.zygote is zyg]:
+            self.discard(worker)
         if not self.closed:
             self.refill()  # starts a replacement zygote through _ensure_zygote
 
@@ -294,12 +306,7 @@ class Pool:
         in the order a birth goes through them, p50/p90/p99 in milliseconds and the median
         page faults, plus the total from the request to the ``ready`` message."""
         records = list(self._birth_records)
-
-        def summary(values: list[float]) -> dict[str, float]:
-            values.sort()
-            n = len(values)
-            return {f"p{q}": round(values[min(n - 1, n * q // 100)] * 1e3, 4)
-                    for q in (50, 90, 99)}
+        summary = summarize_ms
 
         phases: dict[str, list[float]] = {}
         faults: dict[str, list[int]] = {}
@@ -341,7 +348,7 @@ class Pool:
             return worker, cold, True
         while self.idle:
             worker = self.idle.pop()
-            if worker.alive:
+            if worker.usable():
                 self.busy.add(worker)
                 self.refill()  # at idle priority while others are idle: spare CPU only
                 return worker, False, False

@@ -200,6 +200,9 @@ class Result:
     streamed: bool
     rss_bytes: int
     cpu_s: float
+    #: the worker's clock (``time.monotonic_ns()``): invoke received, handler loaded, handler
+    #: returned, result encoded
+    marks: tuple[int, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -212,6 +215,7 @@ class Failed:
     output_limit: bool
     rss_bytes: int
     cpu_s: float
+    marks: tuple[int, ...] = ()
 
 
 WorkerMessage = Ready | Chunk | Result | Failed
@@ -253,6 +257,14 @@ def _nonneg_float(msg: Mapping[str, Any], name: str) -> float:
 _MAX_PHASES: Final = 32
 
 
+def _marks(value: Any) -> tuple[int, ...]:
+    if not isinstance(value, list) or len(value) not in (0, 4) \
+            or not all(type(v) is int and 0 <= v < 2**63 for v in value) \
+            or value != sorted(value):
+        raise ProtocolError("field 'marks' must be 4 ascending [0, 2**63) ints")
+    return tuple(value)
+
+
 def _phases(value: Any) -> tuple[tuple[str, int, int], ...]:
     if not isinstance(value, list) or len(value) > _MAX_PHASES:
         raise ProtocolError("field 'phases' must be a list of at most "
@@ -285,6 +297,7 @@ def decode_worker_message(body: bytes, *, max_bytes: int) -> WorkerMessage:
             streamed=_field(msg, "streamed", bool),
             rss_bytes=_nonneg_int(msg, "rss"),
             cpu_s=_nonneg_float(msg, "cpu"),
+            marks=_marks(msg.get("marks", [])),
         )
     if kind == "failed":
         return Failed(
@@ -294,6 +307,7 @@ def decode_worker_message(body: bytes, *, max_bytes: int) -> WorkerMessage:
             output_limit=_field(msg, "output_limit", bool),
             rss_bytes=_nonneg_int(msg, "rss"),
             cpu_s=_nonneg_float(msg, "cpu"),
+            marks=_marks(msg.get("marks", [])),
         )
     if kind == "ready":
         posture = _field(msg, "posture", dict)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import collections
 import concurrent.futures
 import contextlib
 import dataclasses
@@ -47,7 +48,7 @@ from sandbox.functions import FunctionInfo, make_function
 from sandbox.handles import STREAM_BUFFER_CHUNKS
 from sandbox.limits import DEFAULT_LIMITS, Limits, resolve
 from sandbox.outcome import ErrorInfo, InvocationResult, Outcome, Stats
-from sandbox.pool import Pool, default_max_idle
+from sandbox.pool import Pool, default_max_idle, summarize_ms
 
 __all__ = ["AsyncInvocation", "AsyncRuntime", "Invocation", "InvocationStream", "Runtime",
            "StreamIterator"]
@@ -214,6 +215,9 @@ class AsyncRuntime:
         self._id_base = uuid.uuid4().hex[:20]
         self._id_counter = itertools.count(1)
         self._functions: dict[str, dict[int, FunctionInfo]] = {}
+        #: where recent OK calls spent their time, phase by phase (see call_stats)
+        self._call_records: collections.deque[tuple[float, ...]] = collections.deque(
+            maxlen=1024)
         self._pools: dict[str, Pool] = {}
         self._cgroups: Any = None
         self._cgroup_report: dict[str, Any] = {"available": False, "reason": "not started"}
@@ -600,6 +604,7 @@ class AsyncRuntime:
         fn, limits, ticket, invocation_id = call.fn, call.limits, call.ticket, call.id
         content_type, deadline = call.content_type, call.deadline
         t1 = time.monotonic()
+        t1_ns = time.monotonic_ns()
         pool = self._pools.get(fn.profile)
         if pool is None:
             raise ConfigurationError(f"profile {fn.profile!r} is not running")
@@ -610,6 +615,7 @@ class AsyncRuntime:
                 return _cancelled(invocation_id, t1 - t0)
             raise
         startup_s = time.monotonic() - t1
+        acquired_ns = time.monotonic_ns()
         timeout = limits.wall_timeout_s
         if deadline is not None:
             left = max(0.001, deadline - time.monotonic())
@@ -635,6 +641,14 @@ class AsyncRuntime:
         decode = _decoder(content_type, limits)
         result = build_result(execution, queue_s=t1 - t0, startup_s=startup_s, cold=cold,
                               on_demand=on_demand, decode=decode)
+        terminal = execution.terminal
+        if result.outcome is Outcome.OK and terminal is not None and terminal.marks:
+            recv, loaded, ran, encoded = terminal.marks
+            self._call_records.append((
+                t1 - t0, (acquired_ns - t1_ns) / 1e9, (execution.sent_ns - acquired_ns) / 1e9,
+                (recv - execution.sent_ns) / 1e9, (loaded - recv) / 1e9, (ran - loaded) / 1e9,
+                (encoded - ran) / 1e9, (execution.received_ns - encoded) / 1e9,
+                (time.monotonic_ns() - execution.received_ns) / 1e9))
         keep = (fn if result.outcome is Outcome.OK and not execution.killed and not last
                 and not self._grew(execution) else None)
         loop = asyncio.get_running_loop()
@@ -790,6 +804,7 @@ class AsyncRuntime:
             "pools": pools,
             "running": self._running,
             "queued": self._queued,
+            "calls": self.call_stats(),
             "max_concurrency": self.max_concurrency,
             "max_queue": self.max_queue,
             "min_idle": self.min_idle,
@@ -798,6 +813,26 @@ class AsyncRuntime:
             "limits": self.limits.to_dict(),
             "max_limits": None if self.max_limits is None else self.max_limits.to_dict(),
             "isolation": self.isolation_report(),
+        }
+
+    #: The phases of a call, in order (:meth:`call_stats`).
+    CALL_PHASES = ("queue", "acquire", "dispatch", "to_worker", "load", "run", "encode",
+                   "to_supervisor", "classify")
+
+    def call_stats(self) -> dict[str, Any]:
+        """Where recent OK calls (up to 1024) spent their time, per phase in order, p50/p90/
+        p99 in milliseconds: ``queue`` (admission), ``acquire`` (a ready worker: 0 when one
+        was idle, else a birth), ``dispatch`` (the invoke encoded and sent), ``to_worker``
+        (until the worker had read it), ``load`` (handler loaded, event decoded), ``run`` (the
+        function), ``encode`` (its result), ``to_supervisor`` (the terminal frame back to
+        us), ``classify`` (outcome, stats, result built). Worker and supervisor share one
+        monotonic clock."""
+        records = list(self._call_records)
+        return {
+            "sampled": len(records),
+            "total_ms": summarize_ms([sum(r) for r in records]),
+            "phases_ms": {name: summarize_ms([r[i] for r in records])
+                          for i, name in enumerate(self.CALL_PHASES)},
         }
 
     def isolation_report(self) -> dict[str, Any]:

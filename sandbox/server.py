@@ -153,6 +153,8 @@ def result_to_proto(result: InvocationResult, content_type: str) -> pb.InvokeRes
         stats.peak_memory_bytes = s.peak_memory_bytes
     if s.worker_pid is not None:
         stats.worker_pid = s.worker_pid
+    if s.function_s is not None:
+        stats.function_s = s.function_s
     msg = pb.InvokeResponse(
         id=result.id, outcome=_OUTCOME_TO_PROTO[result.outcome], payload=result.result_bytes,
         content_type=content_type, stdout=result.stdout, stderr=result.stderr,
@@ -178,7 +180,8 @@ def result_from_proto(msg: pb.InvokeResponse,
         peak_memory_bytes=s.peak_memory_bytes if s.HasField("peak_memory_bytes") else None,
         cold_start=s.cold_start, forked_on_demand=s.forked_on_demand,
         worker_pid=s.worker_pid if s.HasField("worker_pid") else None,
-        worker_invocations=s.worker_invocations)
+        worker_invocations=s.worker_invocations,
+        function_s=s.function_s if s.HasField("function_s") else None)
     error = (ErrorInfo(msg.error.type, msg.error.message, msg.error.traceback)
              if msg.HasField("error") else None)
     value = None

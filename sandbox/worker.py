@@ -21,6 +21,7 @@ from outside by the supervisor.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import importlib
 import importlib.util
@@ -228,6 +229,8 @@ def _cpu_s() -> float:
 # -- invocation ---------------------------------------------------------------------------------
 
 _loaded: dict[str, Callable[..., Any]] = {}
+#: the worker's CPU time when it reported ready (its birth's share)
+_cpu_at_ready = [0.0]
 
 
 def _load(fn: Mapping[str, Any]) -> Callable[..., Any]:
@@ -378,8 +381,16 @@ def _iterate(value: Any) -> Iterator[Any] | None:
     return None
 
 
-def _invoke(sock: Any, msg: Mapping[str, Any], config: Mapping[str, Any]) -> None:
-    """Run one invocation and send exactly one terminal frame."""
+def _invoke(sock: Any, msg: Mapping[str, Any], config: Mapping[str, Any],
+            received_ns: int = 0) -> None:
+    """Run one invocation and send exactly one terminal frame.
+
+    The frame carries the call's timeline on our clock (``time.monotonic_ns()``, the
+    supervisor's too): invoke received, handler loaded (and event decoded), handler returned
+    (or its generator finished), result encoded.
+    """
+    now = time.monotonic_ns
+    marks = [received_ns or now(), 0, 0, 0]
     limits: dict[str, Any] = msg["limits"]
     content_type: str = msg["ct"]
     cap = limits.get("max_result_bytes")
@@ -392,6 +403,7 @@ def _invoke(sock: Any, msg: Mapping[str, Any], config: Mapping[str, Any]) -> Non
         handler = _load(fn)
         event = _decode_event(msg["event"], content_type)
         context = Context(msg["id"], fn["name"], fn["version"], limits, deadline)
+        marks[1] = now()
         value = handler(event, context)
         if isinstance(value, types.CoroutineType):
             import asyncio
@@ -410,14 +422,17 @@ def _invoke(sock: Any, msg: Mapping[str, Any], config: Mapping[str, Any]) -> Non
                     raise _OutputLimit(f"streamed chunks exceed max_result_bytes={cap} "
                                        f"(at least {total} bytes)")
                 _send(sock, {"t": "chunk", "data": data})
+            marks[2] = marks[3] = now()
             terminal = {"t": "result", "data": b"", "streamed": True}
         else:
+            marks[2] = now()
             try:
                 data = _encode(value, content_type)
             except Exception as exc:
                 raise _EncodeError(exc) from exc
             if cap is not None and len(data) > cap:
                 raise _OutputLimit(f"result is {len(data)} bytes, over max_result_bytes={cap}")
+            marks[3] = now()
             terminal = {"t": "result", "data": data, "streamed": False}
     except _OutputLimit as exc:
         terminal = {"t": "failed", "type": "OutputLimitExceeded", "message": str(exc),
@@ -438,8 +453,15 @@ def _invoke(sock: Any, msg: Mapping[str, Any], config: Mapping[str, Any]) -> Non
     # children it reaped (what the supervisor reports for an OK call without reading cgroupfs).
     own = resource.getrusage(_SELF)
     reaped = resource.getrusage(resource.RUSAGE_CHILDREN)
+    last = marks[0]
+    for i in range(1, 4):  # a failure skipped the rest: those phases took no time
+        last = marks[i] = marks[i] or last
+    terminal["marks"] = marks
     terminal["rss"] = own.ru_maxrss * 1024
-    terminal["cpu"] = own.ru_utime + own.ru_stime + reaped.ru_utime + reaped.ru_stime
+    # Since ready: the birth is not this invocation's (for a reused worker the supervisor
+    # measures each invocation by difference).
+    terminal["cpu"] = max(0.0, own.ru_utime + own.ru_stime + reaped.ru_utime + reaped.ru_stime
+                          - _cpu_at_ready[0])
     _send(sock, terminal)
 
 
@@ -495,6 +517,8 @@ def main(channel_fd: int, stdout_fd: int, stderr_fd: int, config: Mapping[str, A
         _mark("warm_up")
         _send(sock, {"t": "ready", "pid": os.getpid(), "rss": _rss_bytes(),
                      "posture": _posture, "phases": _phases})
+        born = resource.getrusage(_SELF)
+        _cpu_at_ready[0] = born.ru_utime + born.ru_stime
         gc.enable()
         while True:
             try:
@@ -503,8 +527,12 @@ def main(channel_fd: int, stdout_fd: int, stderr_fd: int, config: Mapping[str, A
                 break  # the supervisor let go of this worker
             if msg.get("t") != "invoke":
                 break
-            _invoke(sock, msg, config)
+            _invoke(sock, msg, config, time.monotonic_ns())
             if msg.get("last", True):
+                # Our teardown (memory, namespaces, mounts) yields the CPU to the calls that
+                # run meanwhile: nothing waits for it but the reaper.
+                with contextlib.suppress(OSError):
+                    os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
                 break
             if os.getpid() == 1:
                 # pid 1 of its namespace: orphans of this invocation are ours to reap.

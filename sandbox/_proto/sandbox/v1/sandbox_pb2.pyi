@@ -165,7 +165,7 @@ class ErrorInfo(_message.Message):
     def __init__(self, type: _Optional[str] = ..., message: _Optional[str] = ..., traceback: _Optional[str] = ...) -> None: ...
 
 class Stats(_message.Message):
-    __slots__ = ("queue_s", "startup_s", "run_s", "cpu_s", "peak_memory_bytes", "cold_start", "forked_on_demand", "worker_pid", "worker_invocations")
+    __slots__ = ("queue_s", "startup_s", "run_s", "cpu_s", "peak_memory_bytes", "cold_start", "forked_on_demand", "worker_pid", "worker_invocations", "function_s")
     QUEUE_S_FIELD_NUMBER: _ClassVar[int]
     STARTUP_S_FIELD_NUMBER: _ClassVar[int]
     RUN_S_FIELD_NUMBER: _ClassVar[int]
@@ -175,6 +175,7 @@ class Stats(_message.Message):
     FORKED_ON_DEMAND_FIELD_NUMBER: _ClassVar[int]
     WORKER_PID_FIELD_NUMBER: _ClassVar[int]
     WORKER_INVOCATIONS_FIELD_NUMBER: _ClassVar[int]
+    FUNCTION_S_FIELD_NUMBER: _ClassVar[int]
     queue_s: float
     startup_s: float
     run_s: float
@@ -184,7 +185,8 @@ class Stats(_message.Message):
     forked_on_demand: bool
     worker_pid: int
     worker_invocations: int
-    def __init__(self, queue_s: _Optional[float] = ..., startup_s: _Optional[float] = ..., run_s: _Optional[float] = ..., cpu_s: _Optional[float] = ..., peak_memory_bytes: _Optional[int] = ..., cold_start: _Optional[bool] = ..., forked_on_demand: _Optional[bool] = ..., worker_pid: _Optional[int] = ..., worker_invocations: _Optional[int] = ...) -> None: ...
+    function_s: float
+    def __init__(self, queue_s: _Optional[float] = ..., startup_s: _Optional[float] = ..., run_s: _Optional[float] = ..., cpu_s: _Optional[float] = ..., peak_memory_bytes: _Optional[int] = ..., cold_start: _Optional[bool] = ..., forked_on_demand: _Optional[bool] = ..., worker_pid: _Optional[int] = ..., worker_invocations: _Optional[int] = ..., function_s: _Optional[float] = ...) -> None: ...
 
 class InvokeRequest(_message.Message):
     __slots__ = ("function", "version", "payload", "content_type", "limits", "id")

@@ -551,6 +551,11 @@ class _Dir:
     version: int
 
 
+#: A recycled group may still hold this much charged memory (kernel objects a dead worker
+#: left, freed lazily); more (page cache) would count against the next worker's limit.
+_RECYCLE_MAX_CHARGE: Final = 1024 * 1024
+
+
 class WorkerCgroup:
     """One worker's group: the same name in every hierarchy in use.
 
@@ -572,6 +577,10 @@ class WorkerCgroup:
         self._memsw: bool | None = None  # v1 memory.memsw.* present (decided on first use)
         self._peak_fd: int | None = None
         self._peak_resettable = True
+        # Counters the kernel cannot reset, as they stood when the group was last recycled.
+        self._oom_base = 0
+        self._cpu_base = 0.0
+        self.recycled = 0
         mem = dirs.get("memory")
         if mem is not None:
             if mem.version == 1:
@@ -801,9 +810,16 @@ class WorkerCgroup:
     # -- accounting -----------------------------------------------------------------------
 
     def oom_kills(self) -> int:
-        """How many processes the OOM killer has killed in this group so far (0 if unknown).
+        """How many processes the OOM killer has killed in this group so far, since it was
+        created or :meth:`recycle`-d (0 if unknown).
 
         Classify an invocation by the delta across it: each OOM kill adds exactly one."""
+        mem = self._dirs.get("memory")
+        if mem is None:
+            return 0
+        return max(0, self._raw_oom_kills() - self._oom_base)
+
+    def _raw_oom_kills(self) -> int:
         mem = self._dirs.get("memory")
         if mem is None:
             return 0
@@ -839,7 +855,12 @@ class WorkerCgroup:
             return None
 
     def cpu_time_s(self) -> float | None:
-        """CPU time (user + system) used by the group so far, in seconds; None if unknown."""
+        """CPU time (user + system) used by the group since it was created or
+        :meth:`recycle`-d, in seconds; None if unknown."""
+        raw = self._raw_cpu_time_s()
+        return None if raw is None else max(0.0, raw - self._cpu_base)
+
+    def _raw_cpu_time_s(self) -> float | None:
         cpu = self._dirs.get("cpu")
         if cpu is None:
             return None
@@ -879,6 +900,54 @@ class WorkerCgroup:
             self._peak_fd = None
             return
         self._peak_fd = fd
+
+    # -- reuse ----------------------------------------------------------------------------
+
+    def recycle(self, *, max_charge_bytes: int = _RECYCLE_MAX_CHARGE) -> bool:
+        """Make the group ready for another worker, if it can be: True when it can.
+
+        Only a group with no task at all (v1 ``pids.current`` 0, which counts zombies too; else
+        an empty listing, or v2 ``populated`` 0), no sub-group, and at most
+        ``max_charge_bytes`` of memory still charged (page cache a worker left would count
+        against the next one's limit) qualifies. Then the peak is reset (v1; v2 where the
+        kernel can, else it does not qualify), v1 CPU accounting restarts at 0, and the
+        counters the kernel cannot reset (OOM kills, v2 CPU) get a new baseline. Limits stay as
+        they are: the next :meth:`set_limits` writes only what differs. A group that does not
+        qualify should be removed (:meth:`remove`).
+        """
+        if self._removed:
+            return False
+        try:
+            pids = self._dirs.get("pids")
+            if pids is not None and pids.version == 1:
+                if int(_read(pids.path + "/pids.current")) != 0:
+                    return False
+            elif not self.is_empty():
+                return False
+            if any(_subdirs(path) for path in self._paths):
+                return False
+            usage = self.memory_bytes()
+            if usage is not None and usage > max_charge_bytes:
+                return False
+            mem = self._dirs.get("memory")
+            if mem is not None:
+                if mem.version == 2 and not self._peak_resettable:
+                    return False
+                self.reset_peak()
+                if mem.version == 2 and not self._peak_resettable:
+                    return False
+            cpu = self._dirs.get("cpu")
+            if cpu is not None and cpu.version == 1:
+                _write(cpu.path + "/cpuacct.usage", b"0")
+                self._cpu_base = 0.0
+            else:
+                self._cpu_base = self._raw_cpu_time_s() or 0.0
+            self._oom_base = self._raw_oom_kills()
+        except (OSError, ValueError) as exc:
+            log.debug("cgroup %s cannot be recycled: %s", self.name, exc)
+            return False
+        self.recycled += 1
+        return True
 
     # -- removal --------------------------------------------------------------------------
 

@@ -50,7 +50,7 @@ from sandbox.handles import (
 from sandbox.limits import Limits, format_size
 
 if TYPE_CHECKING:
-    from sandbox.cgroups import CgroupManager
+    from sandbox.cgroups import CgroupManager, WorkerCgroup
     from sandbox.functions import FunctionInfo
 
 __all__ = ["Pool", "SlotAllocator"]
@@ -172,6 +172,10 @@ class Pool:
         self._refill_failures = 0
         self.shed = 0
         self._waiters: list[asyncio.Future[None]] = []
+        #: empty, reset cgroups of dead workers, for the next births
+        self.spare_cgroups: collections.deque[WorkerCgroup] = collections.deque()
+        self.cgroups_recycled = 0
+        self._spare_cap = self.max_idle + self.max_births + 4
 
     # zygote -------------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -224,18 +228,39 @@ class Pool:
         network); such workers are never kept warm.
         """
         zyg, cold = await self._ensure_zygote()
-        cgroup = None
-        if self.cgroups is not None and self.cgroups.available:
-            cgroup = self.cgroups.create(f"{self.profile}-{next(self._names)}")
-            if self.default_limits is not None:
-                # The usual limits now, off the critical path: an invocation with these
-                # limits then writes nothing to cgroupfs.
-                cgroup.set_limits(memory_bytes=self.default_limits.memory_bytes,
-                                  max_pids=self.default_limits.max_processes)
-        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        out_r, out_w = os.pipe()
-        err_r, err_w = os.pipe()
         slot = self.slots.acquire()
+        cgroup = None
+        try:
+            if self.cgroups is not None and self.cgroups.available:
+                # A recycled group (empty, counters reset) saves a mkdir per hierarchy now and
+                # an rmdir per hierarchy after the death.
+                cgroup = (self.spare_cgroups.popleft() if self.spare_cgroups
+                          else self.cgroups.create(f"{self.profile}-{next(self._names)}"))
+                if self.default_limits is not None:
+                    # The usual limits now, off the critical path: an invocation with these
+                    # limits then writes nothing to cgroupfs.
+                    cgroup.set_limits(memory_bytes=self.default_limits.memory_bytes,
+                                      max_pids=self.default_limits.max_processes)
+            fds: list[int] = []
+            parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                out_r, out_w = os.pipe()
+                fds += (out_r, out_w)
+                err_r, err_w = os.pipe()
+            except BaseException:
+                parent.close()
+                child.close()
+                for fd in fds:
+                    os.close(fd)
+                raise
+        except BaseException:
+            # Nothing was forked: the slot and the group go back (no leak when cgroupfs or
+            # the fd table refuses).
+            self.slots.release(slot)
+            if cgroup is not None:
+                with contextlib.suppress(OSError):
+                    cgroup.remove()
+            raise
         config = dict(self.birth_config)
         config["cgroup_procs"] = cgroup.procs_files() if cgroup is not None else []
         config["memory_cgroup"] = self.memory_cgroup
@@ -420,22 +445,30 @@ class Pool:
             self._reap(worker)
 
     def _reap(self, worker: WorkerHandle) -> None:
-        """After death: close the pidfd, remove the cgroup (retrying while it is busy)."""
+        """After death: close the pidfd; once the worker's cgroup is empty (retrying while a
+        process of its tree is still exiting), recycle the group or remove it, and only then
+        free its slot (its uid): a new worker never shares a uid with a process of an old one.
+        """
         self.workers.discard(worker)
-        if worker.slot >= 0:
-            self.slots.release(worker.slot)
-            worker.slot = -1
         if worker.pidfd >= 0:
             worker._release_pidfd()
-        cgroup = worker.cgroup
+        slot, worker.slot = worker.slot, -1
+        cgroup, worker.cgroup = worker.cgroup, None
         if cgroup is None:
+            self.slots.release(slot)
             return
-        worker.cgroup = None
 
         def attempt(tries: int) -> None:
             try:
                 cgroup.kill_all()
+                if (not self.closed and len(self.spare_cgroups) < self._spare_cap
+                        and cgroup.recycle()):
+                    self.spare_cgroups.append(cgroup)
+                    self.cgroups_recycled += 1
+                    self.slots.release(slot)
+                    return
                 if cgroup.remove():
+                    self.slots.release(slot)
                     return
             except OSError as exc:
                 log.debug("cgroup %s removal: %s", cgroup.name, exc)
@@ -444,7 +477,7 @@ class Pool:
                 # retry with backoff rather than block the loop.
                 asyncio.get_running_loop().call_later(0.002 * 2**tries, attempt, tries + 1)
             else:
-                log.warning("cgroup %s could not be removed", cgroup.name)
+                log.warning("cgroup %s could not be removed; its slot stays taken", cgroup.name)
 
         attempt(0)
 
@@ -590,6 +623,7 @@ class Pool:
             "arrival_rate": round(self.demand.rate(now), 3),
             "birth_ms": round(self.demand.birth_s * 1e3, 3),
             "shed": self.shed,
+            "cgroups_recycled": self.cgroups_recycled,
         }
 
     async def close(self) -> None:
@@ -615,6 +649,10 @@ class Pool:
             await asyncio.wait(deaths, timeout=DEATH_TIMEOUT_S)
         for worker in workers:
             self.discard(worker)
+        while self.spare_cgroups:
+            spare = self.spare_cgroups.popleft()
+            with contextlib.suppress(OSError):
+                spare.remove()  # empty: the manager's close sweeps anything left
         if self.zygote is not None:
             zyg, self.zygote = self.zygote, None
             zyg.close()

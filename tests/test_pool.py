@@ -145,3 +145,37 @@ def test_pool_knobs_are_validated_and_reported() -> None:
             assert pool["births"]["births"] >= 1
 
     run(main())
+
+
+def test_cgroups_of_dead_workers_are_recycled_empty_and_reset() -> None:
+    """A worker's cgroup is reused by a later birth only once empty, with its counters reset:
+    the next worker's OOM count, peak and CPU start from zero."""
+    from sandbox.cgroups import CgroupManager
+
+    if not CgroupManager(prefix="probe").available:
+        pytest.skip("no usable cgroups on this machine")
+
+    async def main() -> None:
+        async with AsyncRuntime(min_idle=0, max_idle=0, cgroups=True) as rt:
+            rt.register("noop", source=NOOP)
+            rt.register("hog", source="def handler(e, c):\n    b = bytearray(32 << 20)\n"
+                                      "    s = 0\n    for i in range(300000):\n        s += i\n"
+                                      "    return len(b)\n")
+            rt.register("fail", source="def handler(e, c):\n    raise ValueError(e)\n")
+            hog = await rt.invoke("hog")
+            assert hog.outcome is Outcome.OK
+            # A failed call reads its figures from the cgroup: were the hog's group handed on
+            # unreset, one of these would report its 32 MiB peak.
+            extra = 3
+            for i in range(40):
+                result = await rt.invoke("fail", i)
+                assert result.outcome is Outcome.FUNCTION_ERROR
+                peak = result.stats.peak_memory_bytes
+                assert peak is not None and peak < 32 << 20, (i, peak)
+                if rt.info()["pools"]["default"]["cgroups_recycled"]:
+                    extra -= 1
+                    if extra == 0:
+                        break
+            assert extra == 0, "no cgroup was reused"
+
+    run(main())

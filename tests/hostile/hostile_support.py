@@ -175,6 +175,10 @@ class Watch:
                         pids.add(worker.pid)
                         if worker.cgroup is not None:
                             names.add(worker.cgroup.name)
+                for spare in pool.spare_cgroups:
+                    # kept for the next birth: only ever an empty group
+                    assert spare.is_empty() and not spare.pids(), spare
+                    names.add(spare.name)
             return pids, names
 
         result: tuple[set[int], set[str]] = self.rt._in_loop(snapshot)

@@ -136,8 +136,17 @@ def _worker_groups(server_pid: int) -> list[str]:
     return found
 
 
+def _occupied(group: str) -> bool:
+    try:
+        with open(group + "cgroup.procs") as f:
+            return bool(f.read().split())
+    except FileNotFoundError:
+        return False
+
+
 def _settled(server: ServerProcess, case: str) -> None:
-    """The server's tree is back to its zygote and warm workers, with one cgroup each.
+    """The server's tree is back to its zygote and warm workers, each in a cgroup of its own;
+    any other worker group is empty (removed, or kept empty for the next birth).
 
     Polls (bounded): deaths, reaping, refills and cgroup removal finish asynchronously in
     another process, with no event we can wait on from here.
@@ -145,7 +154,7 @@ def _settled(server: ServerProcess, case: str) -> None:
     deadline = time.monotonic() + SETTLE_S
     while True:
         below = server.descendants()
-        groups = _worker_groups(server.proc.pid)
+        groups = [g for g in _worker_groups(server.proc.pid) if _occupied(g)]
         hierarchies = {g.split("/sandbox-")[0] for g in groups}
         per = len(groups) // max(1, len(hierarchies))
         if len(below) == 1 + MIN_IDLE and per in (0, MIN_IDLE):

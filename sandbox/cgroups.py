@@ -903,6 +903,17 @@ class WorkerCgroup:
 
     # -- reuse ----------------------------------------------------------------------------
 
+    def has_tasks(self) -> bool:
+        """Any task still counted here: v1 ``pids.current`` counts a zombie until it is reaped
+        (an rmdir succeeds before that), else live processes (v2 ``populated``, a listing)."""
+        pids = self._dirs.get("pids")
+        try:
+            if pids is not None and pids.version == 1:
+                return int(_read(pids.path + "/pids.current")) != 0
+        except FileNotFoundError:
+            return False
+        return not self.is_empty()
+
     def recycle(self, *, max_charge_bytes: int = _RECYCLE_MAX_CHARGE) -> bool:
         """Make the group ready for another worker, if it can be: True when it can.
 
@@ -918,11 +929,7 @@ class WorkerCgroup:
         if self._removed:
             return False
         try:
-            pids = self._dirs.get("pids")
-            if pids is not None and pids.version == 1:
-                if int(_read(pids.path + "/pids.current")) != 0:
-                    return False
-            elif not self.is_empty():
+            if self.has_tasks():
                 return False
             if any(_subdirs(path) for path in self._paths):
                 return False

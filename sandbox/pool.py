@@ -461,12 +461,18 @@ class Pool:
         def attempt(tries: int) -> None:
             try:
                 cgroup.kill_all()
-                if (not self.closed and len(self.spare_cgroups) < self._spare_cap
-                        and cgroup.recycle()):
-                    self.spare_cgroups.append(cgroup)
-                    self.cgroups_recycled += 1
-                    self.slots.release(slot)
-                    return
+                if not self.closed and len(self.spare_cgroups) < self._spare_cap:
+                    if cgroup.recycle():
+                        self.spare_cgroups.append(cgroup)
+                        self.cgroups_recycled += 1
+                        self.slots.release(slot)
+                        return
+                    if cgroup.has_tasks() and tries < 8:
+                        # Not empty yet (the zygote has not reaped the worker): wait to
+                        # recycle rather than remove (an rmdir may succeed before the reap).
+                        asyncio.get_running_loop().call_later(
+                            0.001 * 2**tries, attempt, tries + 1)
+                        return
                 if cgroup.remove():
                     self.slots.release(slot)
                     return

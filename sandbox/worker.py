@@ -21,6 +21,7 @@ from outside by the supervisor.
 
 from __future__ import annotations
 
+import _signal  # type: ignore[import-not-found]  # CPython's C half of signal
 import contextlib
 import gc
 import importlib
@@ -144,9 +145,11 @@ def _birth(channel_fd: int, stdout_fd: int, stderr_fd: int, config: Mapping[str,
         os._exit(70)  # the zygote died between fork and prctl
     # The zygote's SIGCHLD plumbing must not leak into the function.
     signal.set_wakeup_fd(-1)
+    # The C functions under the signal module: its wrappers convert every previous handler
+    # into an enum member, which costs a forked child dozens of copy-on-write page faults.
     for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
-        signal.signal(sig, signal.SIG_DFL)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+        _signal.signal(int(sig), _signal.SIG_DFL)
+    _signal.signal(int(signal.SIGINT), _signal.default_int_handler)
 
     # fds: 0 /dev/null, 1 stdout pipe, 2 stderr pipe, 3 channel, nothing else (the shared
     # network namespace's fd survives only until the namespaces are entered).

@@ -162,6 +162,23 @@ def sustained_table(out: Path) -> str:
     return text
 
 
+def runs(out: Path) -> str:
+    """When (and from which checkout) each suite in the tables was measured: suites can be
+    re-run one at a time, so the tables may combine runs; each ratio is within one run."""
+    parts = []
+    for suite in ("sustained", "births", "timeouts", "latency", "coldstart", "throughput"):
+        machine = _load(out, suite).get("machine")
+        if not machine:
+            continue
+        text = f"`{suite}` {str(machine.get('time_utc', '?'))[:10]}"
+        git = machine.get("git")
+        if git:
+            dirty = ", uncommitted changes" if git.get("sandbox_changed") else ""
+            text += f" ({git['commit'][:7]}{dirty})"
+        parts.append(text)
+    return "Measured: " + ", ".join(parts) + "." if parts else ""
+
+
 def to_markdown(out: Path) -> str:
     text = "| comparison | ours | theirs | ratio | target |\n|---|--:|--:|--:|---|\n"
     for row in headlines(out):
@@ -169,6 +186,9 @@ def to_markdown(out: Path) -> str:
     table = sustained_table(out)
     if table:
         text += "\n" + table
+    when = runs(out)
+    if when:
+        text += "\n" + when + "\n"
     return text
 
 

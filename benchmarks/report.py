@@ -367,7 +367,7 @@ def _sustained_png(plt: Any, rows: list[Row]) -> tuple[Any, Any]:
                 ax.text(max(values[i], 1e-3), i, f" p50 {r.p50_ms:.3g} / p99 {r.p99_ms:.3g} ms",
                         va="center", fontsize=6)  # fmt: skip
         ax.set_xscale("log")
-        ax.set_xlim(low / 2, top * 40)  # room for the labels
+        ax.set_xlim(low / 2, top * 12)  # room for the labels
         ax.set_xlabel("calls / s (log)")
         ax.set_title(f"sustained, {level}", fontsize=9)
     axes[0][0].set_yticks(range(len(methods)))

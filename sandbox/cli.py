@@ -136,10 +136,13 @@ def _run(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     profiles = {"run": args.preload} if args.preload else None
     try:
-        with Runtime(profiles, min_idle=0) as rt:
-            rt.register("run", path=path, handler=function,
+        # On the command line the user is the operator: the flags are the function's own
+        # limits (which replace the defaults, above or below them), not a request (which may
+        # only tighten them). One call: no warm worker is kept.
+        with Runtime(profiles, min_idle=0, max_idle=0) as rt:
+            rt.register("run", path=path, handler=function, limits=limits,
                         profile="run" if args.preload else "default")
-            result = rt.invoke("run", args.event, limits=limits)
+            result = rt.invoke("run", args.event)
     except SandboxError as exc:
         print(f"sandbox run: error: {exc}", file=sys.stderr)
         return EXIT_USAGE

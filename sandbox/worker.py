@@ -311,9 +311,15 @@ def _apply_rlimits(limits: Mapping[str, Any], config: Mapping[str, Any]) -> None
 
     cpu = limits.get("cpu_time_s")
     if cpu is not None:
-        # The kernel counts whole seconds; the supervisor's watchdog is the precise bound.
+        # The kernel counts whole seconds of the process's life; the supervisor's watchdog is
+        # the precise bound. Only the soft limit (SIGXCPU): lowering the hard one would leave
+        # a reused worker, which cannot raise it again without privileges, unable to give
+        # its next invocation a budget (EPERM).
         soft = int(_cpu_s() + cpu) + 1
-        resource.setrlimit(resource.RLIMIT_CPU, (soft, soft + 1))
+        _, hard = resource.getrlimit(resource.RLIMIT_CPU)
+        if hard != resource.RLIM_INFINITY:
+            soft = min(soft, hard)
+        resource.setrlimit(resource.RLIMIT_CPU, (soft, hard))
     set_limit(resource.RLIMIT_NOFILE, limits.get("max_open_files"))
     set_limit(resource.RLIMIT_FSIZE, limits.get("max_file_size_bytes"))
     if not config.get("memory_cgroup") and limits.get("memory_bytes") is not None:

@@ -85,3 +85,17 @@ def test_bad_arguments_one_line_no_traceback(args: list[str], names: str) -> Non
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr
     assert names in lines[0] and "Traceback" not in proc.stderr
+
+
+def test_run_flags_are_the_limits_even_above_the_defaults(tmp_path: Path) -> None:
+    """`--timeout` above the 30 s default and `--memory` above the 512 MiB default are what the
+    function gets (the user is the operator here), not silently cut to the defaults."""
+    fn = tmp_path / "limits.py"
+    fn.write_text("def handler(e, c):\n"
+                  "    return [c.limits['wall_timeout_s'], c.limits['memory_bytes'],\n"
+                  "            c.limits['cpu_time_s']]\n")
+    proc = sandbox("run", f"{fn}:handler", "--timeout", "45", "--memory", "2GiB", "--cpu", "40")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["result"] == [45.0, 2 * 2**30, 40.0]
+    proc = sandbox("run", f"{fn}:handler", "--timeout", "2", "--memory", "64MiB")
+    assert json.loads(proc.stdout)["result"][:2] == [2.0, 64 * 2**20]

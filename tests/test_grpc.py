@@ -440,11 +440,20 @@ def test_invoke_many_flow_control_bounds_reading(client: Client) -> None:
     # Read one result, then nothing for a while: a server that ignored its window would read
     # the whole request stream (48 MiB) into memory. gRPC's transport buffers a few MiB on
     # each side, so the bound checked is loose but far from "everything".
-    stream = client.invoke_many(requests(), timeout=120)
+    overread = threading.Event()
+
+    def requests_watched() -> Iterator[Invocation]:
+        for invocation in requests():
+            if pulled >= total * 3 // 4:
+                overread.set()
+            yield invocation
+
+    stream = client.invoke_many(requests_watched(), timeout=120)
     first = next(stream)
     assert isinstance(first, InvocationResult)
-    time.sleep(0.5)  # give a server that ignores the window the time to read everything
-    assert pulled < total * 3 // 4, f"the sender was never pushed back ({pulled} sent)"
+    # A server that ignored its window would read on until the end: wait for that (the
+    # guard is how long we give it to misbehave), not for a time.
+    assert not overread.wait(timeout=2.0), f"the sender was never pushed back ({pulled} sent)"
     rest = list(stream)
     assert len(rest) + 1 == total
     bad = [r for r in rest if not (isinstance(r, InvocationResult) and r.result == size)]

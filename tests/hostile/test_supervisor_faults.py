@@ -128,12 +128,9 @@ def test_calls_faster_than_the_pool_serves_are_refused_memory_flat() -> None:
         assert next(gate) == "running"  # the one slot is taken
         queued = [one.submit("ok", i) for i in range(3)]
         fds, rss = fd_count(), rss_bytes()
-        refused = 0
-        for i in range(2000):
+        for i in range(2000):  # every one of them refused (pytest.raises fails otherwise)
             with pytest.raises(Overloaded, match="max_queue=3"):
                 one.submit("ok", {"n": i, "blob": b"x" * 4096})
-            refused += 1
-        assert refused == 2000
         assert fd_count() <= fds + 2, "refusals leaked fds"
         assert rss_bytes() <= rss + 8 * MiB, f"refusals grew RSS by {(rss_bytes() - rss) // MiB} MiB"
         assert one.info()["queued"] == 3

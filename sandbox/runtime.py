@@ -79,12 +79,16 @@ def _check_modules(name: str, modules: Sequence[str]) -> tuple[str, ...]:
 class _Ticket:
     """One invocation's handle inside the runtime: lets a caller cancel it at any stage."""
 
-    __slots__ = ("cancelled", "entered", "execution", "started", "task")
+    __slots__ = ("admitted", "cancelled", "entered", "execution", "finished", "started", "task")
 
     def __init__(self) -> None:
         self.cancelled = False
         self.execution: Execution | None = None
-        self.task: asyncio.Task[InvocationResult] | None = None
+        #: the task running the call: its own (submit, stream) or the caller's (invoke)
+        self.task: asyncio.Task[Any] | None = None
+        #: counted by admission until the call is over (``finished``)
+        self.admitted = False
+        self.finished: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         #: its task has begun to run (a task cancelled before that never enters its body,
         #: so it could not answer CANCELLED: it finds ``cancelled`` set instead)
         self.entered = False
@@ -97,7 +101,7 @@ class _Ticket:
         self.cancelled = True
         if self.execution is not None:
             self.execution.cancel()
-        elif self.task is not None and self.entered:
+        elif self.task is not None and self.entered and not self.finished.done():
             self.task.cancel()  # still queued or starting: _execute answers CANCELLED
 
 
@@ -222,7 +226,9 @@ class AsyncRuntime:
         self._cgroups: Any = None
         self._cgroup_report: dict[str, Any] = {"available": False, "reason": "not started"}
         self._slots: asyncio.Semaphore | None = None
-        self._queued = 0
+        #: admitted calls not over yet (queued, starting or running): at most
+        #: max_concurrency + max_queue, however fast they come (see _admit)
+        self._admitted = 0
         self._running = 0
         self._inflight: set[_Ticket] = set()
         self._started = False
@@ -392,13 +398,16 @@ class AsyncRuntime:
         if self._closed:
             return
         self._closing = True
-        tasks = [t.task for t in self._inflight if t.task is not None]
-        if tasks and grace_s > 0:
-            await asyncio.wait(tasks, timeout=grace_s)
+        finished = [t.finished for t in self._inflight]
+        if finished and grace_s > 0:
+            await asyncio.wait(finished, timeout=grace_s)
+        # Whatever is still queued, starting or running ends CANCELLED (an invoke() awaiting
+        # in its caller's task included).
         for ticket in list(self._inflight):
             ticket.cancel()
-        if tasks:
-            await asyncio.wait(tasks, timeout=30)
+        finished = [t.finished for t in self._inflight]
+        if finished:
+            await asyncio.wait(finished, timeout=30)
         await asyncio.gather(*(pool.close() for pool in self._pools.values()),
                              return_exceptions=True)
         if self._cgroups is not None:
@@ -561,35 +570,71 @@ class AsyncRuntime:
         """Validate a call and admit it (or raise); nothing runs yet."""
         fn, data, effective = self._prepare(name, event, version, limits, payload, content_type)
         self._admit()
+        ticket = _Ticket()
+        ticket.admitted = True
+        self._admitted += 1
+        self._inflight.add(ticket)
         return _Call(fn, data, content_type, effective, deadline,
-                     invocation_id or f"{self._id_base}{next(self._id_counter):012x}",
-                     _Ticket())
+                     invocation_id or f"{self._id_base}{next(self._id_counter):012x}", ticket)
+
+    @property
+    def _queued(self) -> int:
+        """Admitted calls not running yet."""
+        return self._admitted - self._running
 
     def _admit(self) -> None:
-        assert self._slots is not None
-        if self._slots.locked() and self._queued >= self.max_queue:
+        """Refuse a call when ``max_concurrency`` run and ``max_queue`` wait already. Counted
+        here, at admission, not when a call's task first runs: calls submitted within one
+        loop turn are bounded too, and so are the tasks and memory they hold."""
+        if self._admitted >= self.max_concurrency + self.max_queue:
             raise Overloaded(f"{self._queued} invocations are queued (max_queue="
                              f"{self.max_queue}); try again later")
+
+    def _over(self, call: _Call) -> None:
+        """The call is over (answered, or its task ended before it ran): admission forgets it.
+        Idempotent."""
+        ticket = call.ticket
+        if ticket.admitted:
+            ticket.admitted = False
+            self._admitted -= 1
+            self._inflight.discard(ticket)
+            ticket.started.set()
+            if not ticket.finished.done():
+                ticket.finished.set_result(None)
+
+    def _spawn_task(self, call: _Call, chunk_sink: Any = None) -> asyncio.Task[InvocationResult]:
+        task = asyncio.ensure_future(self._execute(call, chunk_sink))
+        call.ticket.task = task
+        # A task cancelled before it ever ran never enters _execute: admission forgets it here.
+        task.add_done_callback(lambda _: self._over(call))
+        return task
+
+    @staticmethod
+    def _swallow_our_cancel() -> None:
+        """We cancelled the current task to stop a wait (the call was cancelled): the call
+        answers CANCELLED normally, and the task must not stay marked as being cancelled
+        (when it is the caller's own task, for invoke())."""
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            task.uncancel()
 
     async def _execute(self, call: _Call, chunk_sink: Any = None) -> InvocationResult:
         assert self._slots is not None
         ticket, invocation_id = call.ticket, call.id
         t0 = time.monotonic()
         ticket.entered = True
-        if ticket.cancelled:
-            ticket.started.set()
-            return _cancelled(invocation_id, 0.0)
-        self._inflight.add(ticket)
+        if ticket.task is None:
+            ticket.task = asyncio.current_task()  # invoke(): the caller's task
         try:
-            self._queued += 1
+            if ticket.cancelled:
+                return _cancelled(invocation_id, 0.0)
             try:
                 await self._slots.acquire()
             except asyncio.CancelledError:
                 if ticket.cancelled:
+                    self._swallow_our_cancel()
                     return _cancelled(invocation_id, time.monotonic() - t0)
                 raise
-            finally:
-                self._queued -= 1
             self._running += 1
             try:
                 return await self._run(call, chunk_sink, t0)
@@ -597,8 +642,7 @@ class AsyncRuntime:
                 self._running -= 1
                 self._slots.release()
         finally:
-            ticket.started.set()
-            self._inflight.discard(ticket)
+            self._over(call)
 
     async def _run(self, call: _Call, chunk_sink: Any, t0: float) -> InvocationResult:
         fn, limits, ticket, invocation_id = call.fn, call.limits, call.ticket, call.id
@@ -612,6 +656,7 @@ class AsyncRuntime:
             worker, cold, on_demand = await pool.acquire(fn, limits)
         except asyncio.CancelledError:
             if ticket.cancelled:
+                self._swallow_our_cancel()
                 return _cancelled(invocation_id, t1 - t0)
             raise
         startup_s = time.monotonic() - t1
@@ -633,6 +678,8 @@ class AsyncRuntime:
         except asyncio.CancelledError:
             # The caller went away: kill the worker now, settle cleanly, then re-raise.
             caller_cancelled = True
+            if ticket.cancelled:
+                self._swallow_our_cancel()  # a cancel of ours that raced the start
             execution.cancel()
             settle = asyncio.ensure_future(execution.settle())
             while not settle.done():
@@ -726,8 +773,7 @@ class AsyncRuntime:
         Raises at once (not when awaited) for problems of the call, like :meth:`invoke`.
         """
         call = self._begin(name, event, version, limits, payload, content_type, deadline, id)
-        task = asyncio.ensure_future(self._execute(call))
-        call.ticket.task = task
+        task = self._spawn_task(call)
         return AsyncInvocation(call.id, call.ticket, task)
 
     def stream(
@@ -752,17 +798,33 @@ class AsyncRuntime:
         """
         call = self._begin(name, event, version, limits, payload, content_type, deadline, id)
         stream = InvocationStream(call.id, call.ticket, _decoder(content_type, call.limits), raw)
-        task = asyncio.ensure_future(self._execute(call, stream._on_chunk))
-        call.ticket.task = task
+        task = self._spawn_task(call, stream._on_chunk)
         stream._task = task
         task.add_done_callback(lambda _: stream._wake())
         return stream
 
     async def map(self, name: str, events: Iterable[Any], *, limits: Limits | None = None
                   ) -> list[InvocationResult]:
-        """Invoke ``name`` once per event, concurrently; results in the order of the events."""
-        handles = [self.submit(name, event, limits=limits) for event in events]
-        return [await handle for handle in handles]
+        """Invoke ``name`` once per event, concurrently; results in the order of the events.
+
+        Events are pulled lazily: at most ``max_concurrency`` calls of the map are in flight
+        at once, so a long (or endless) iterable neither floods admission nor holds a task per
+        event.
+        """
+        results: list[InvocationResult] = []
+        window: collections.deque[AsyncInvocation] = collections.deque()
+        try:
+            for event in events:
+                if len(window) >= self.max_concurrency:
+                    results.append(await window.popleft())
+                window.append(self.submit(name, event, limits=limits))
+            while window:
+                results.append(await window.popleft())
+        except BaseException:
+            for handle in window:
+                handle.cancel()
+            raise
+        return results
 
     async def wait_warm(self, timeout: float | None = 60.0) -> None:
         """Wait until every pool has ``min_idle`` ready workers (e.g. before measuring).
@@ -1189,9 +1251,25 @@ class Runtime:
         return Invocation(self, handle, future)
 
     def map(self, name: str, events: Iterable[Any], **kwargs: Any) -> list[InvocationResult]:
-        """Invoke ``name`` once per event, concurrently; results in the order of the events."""
-        handles = [self.submit(name, event, **kwargs) for event in events]
-        return [h.result() for h in handles]
+        """Invoke ``name`` once per event, concurrently; results in the order of the events.
+
+        Events are pulled lazily (in the calling thread): at most ``max_concurrency`` calls of
+        the map are in flight at once.
+        """
+        results: list[InvocationResult] = []
+        window: collections.deque[Invocation] = collections.deque()
+        try:
+            for event in events:
+                if len(window) >= self._rt.max_concurrency:
+                    results.append(window.popleft().result())
+                window.append(self.submit(name, event, **kwargs))
+            while window:
+                results.append(window.popleft().result())
+        except BaseException:
+            for handle in window:
+                handle.cancel()
+            raise
+        return results
 
     def stream(self, name: str, event: Any = None, **kwargs: Any) -> StreamIterator:
         """Iterate a generator function's chunks; ``.result()`` afterwards."""

@@ -98,3 +98,76 @@ def test_handle_cancel_gives_a_cancelled_result() -> None:
             assert result.stats.worker_pid is not None and _gone(result.stats.worker_pid)
 
     run(main())
+
+
+HANG_PLAIN = "import time\ndef handler(e, c):\n    time.sleep(60)\n"
+NOOP = "def handler(e, c):\n    return e\n"
+
+
+def test_admission_holds_within_one_loop_turn() -> None:
+    """Calls submitted without ever yielding to the loop are counted at admission: the
+    (max_concurrency + max_queue + 1)th is refused at once."""
+    from sandbox import Overloaded
+
+    async def main() -> None:
+        async with AsyncRuntime(min_idle=0, max_concurrency=1, max_queue=2) as rt:
+            rt.register("hang", source=HANG_PLAIN)
+            handles = [rt.submit("hang") for _ in range(3)]  # no await in between
+            with pytest.raises(Overloaded, match="max_queue=2"):
+                rt.submit("hang")
+            with pytest.raises(Overloaded):
+                rt.stream("hang")
+            assert rt.info()["queued"] == 3  # none has started running yet
+            for h in handles:
+                h.cancel()
+            assert [(await h).outcome for h in handles] == [Outcome.CANCELLED] * 3
+            assert rt.info()["queued"] == 0 and rt.info()["running"] == 0
+
+    run(main())
+
+
+def test_map_pulls_events_lazily() -> None:
+    """A map longer than the queue is not refused, and never holds more than
+    max_concurrency calls in flight."""
+    async def main() -> None:
+        async with AsyncRuntime(min_idle=1, max_concurrency=2, max_queue=0) as rt:
+            rt.register("noop", source=NOOP)
+            in_flight: list[int] = []
+
+            def events():  # type: ignore[no-untyped-def]
+                for i in range(30):
+                    in_flight.append(rt.info()["running"] + rt.info()["queued"])
+                    yield i
+
+            results = await rt.map("noop", events())
+            assert [r.result for r in results] == list(range(30))
+            assert max(in_flight) <= 2, in_flight
+
+    run(main())
+
+
+def test_close_answers_queued_invokes_cancelled() -> None:
+    """aclose() cancels an invoke() still waiting for a slot: its caller gets a CANCELLED
+    result (not an exception, not a start error later), and its task is not left marked as
+    being cancelled."""
+    async def main() -> None:
+        rt = AsyncRuntime(min_idle=0, max_concurrency=1)
+        await rt.start()
+        rt.register("hang", source=HANG_PLAIN)
+        running = rt.submit("hang")
+        await running.running()
+
+        async def caller() -> tuple[Outcome, int]:
+            result = await rt.invoke("hang")
+            task = asyncio.current_task()
+            assert task is not None
+            return result.outcome, task.cancelling()
+
+        queued = asyncio.ensure_future(caller())
+        await asyncio.sleep(0)  # one loop turn: the invoke is admitted and waits for a slot
+        assert rt.info()["queued"] == 1
+        await rt.aclose(grace_s=0)
+        assert await queued == (Outcome.CANCELLED, 0)
+        assert (await running).outcome is Outcome.CANCELLED
+
+    run(main())

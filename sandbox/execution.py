@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
 import signal
 import time
@@ -62,6 +63,8 @@ class Execution:
         self.output_exceeded = False
         self.memory_exceeded = False
         self.violation: str | None = None
+        #: the invocation's limits could not be put in place (its cgroup refused them)
+        self.limits_error: OSError | None = None
         self.killed = False
         self.started = 0.0
         #: ``time.monotonic_ns()`` when the invoke was sent and the terminal frame arrived
@@ -184,8 +187,15 @@ class Execution:
         cap = self.limits.max_result_bytes
         worker.decoder.cap = protocol.FRAME_OVERHEAD + (cap if cap is not None else 2**31)
         if worker.cgroup is not None:
-            worker.cgroup.set_limits(memory_bytes=self.limits.memory_bytes,
-                                     max_pids=self.limits.max_processes)
+            try:
+                worker.cgroup.set_limits(memory_bytes=self.limits.memory_bytes,
+                                         max_pids=self.limits.max_processes)
+            except OSError as exc:
+                # Never run a function without its limits: the worker goes, unused.
+                self.limits_error = exc
+                self._kill()
+                await self.settle()
+                return
         if worker.idle_priority:
             # Warm workers wait at SCHED_IDLE; the invocation runs at normal priority.
             worker.idle_priority = False
@@ -247,6 +257,16 @@ class Execution:
                 "tree was killed")
         cg = self.worker.cgroup
         status = self.worker.status.result()[0] if self.worker.status.done() else None
+        if self.limits_error is not None:
+            exc = self.limits_error
+            if exc.errno == errno.EBUSY and limits.memory_bytes is not None:
+                return Outcome.MEMORY_LIMIT, ErrorInfo(
+                    "MemoryLimitExceeded", f"memory limit of {format_size(limits.memory_bytes)} "
+                    "is below what a worker uses before the function even starts; the function "
+                    "did not run")
+            return Outcome.CRASHED, ErrorInfo(
+                "LimitsNotApplied", f"the invocation's limits could not be applied to its "
+                f"worker ({exc}); the function did not run")
         if self.memory_exceeded:
             return Outcome.MEMORY_LIMIT, ErrorInfo(
                 "MemoryLimitExceeded", f"memory limit of {format_size(limits.memory_bytes)} "

@@ -89,6 +89,9 @@ class ZygoteHandle:
         self._tokens = itertools.count(1)
         #: pid -> callback(status, cpu_s, maxrss_bytes) for the workers it forked
         self.exit_callbacks: dict[int, Callable[[int | None, float, int], None]] = {}
+        #: workers reported spawned whose handle is not made yet, and exits that came first
+        self._unclaimed: dict[int, None] = {}
+        self._early_exits: dict[int, tuple[int, float, int]] = {}
 
     async def start(self) -> None:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -147,16 +150,28 @@ class ZygoteHandle:
     def _dispatch(self, msg: dict[str, Any], fds: list[int]) -> None:
         kind = msg.get("t")
         if kind == "exited":
-            callback = self.exit_callbacks.pop(int(msg["pid"]), None)
+            pid = int(msg["pid"])
+            status = (int(msg["status"]), float(msg["cpu"]), int(msg["maxrss"]))
+            callback = self.exit_callbacks.pop(pid, None)
             if callback is not None:
-                callback(int(msg["status"]), float(msg["cpu"]), int(msg["maxrss"]))
+                callback(*status)
+            elif pid in self._unclaimed:
+                # Died before its handle existed ("spawned" and "exited" read in one pass):
+                # keep the status for watch_exit rather than lose it.
+                self._early_exits[pid] = status
         elif kind == "spawned":
             fut = self._pending.pop(int(msg["token"]), None)
             if fut is None or fut.done() or len(fds) != 1:
                 for fd in fds:
                     os.close(fd)
                 return
-            fut.set_result((int(msg["pid"]), fds[0]))
+            pid = int(msg["pid"])
+            self._unclaimed[pid] = None
+            while len(self._unclaimed) > 1024:  # spawns whose caller went away
+                stale = next(iter(self._unclaimed))
+                del self._unclaimed[stale]
+                self._early_exits.pop(stale, None)
+            fut.set_result((pid, fds[0]))
         elif kind == "spawn_failed":
             fut = self._pending.pop(int(msg["token"]), None)
             if fut is not None and not fut.done():
@@ -218,10 +233,24 @@ class ZygoteHandle:
         self._pending.clear()
         # Workers die with their zygote (death signal); their pidfds report it. Statuses are
         # lost with the zygote: tell whoever waits for one.
+        self._unclaimed.clear()
+        self._early_exits.clear()
         callbacks, self.exit_callbacks = self.exit_callbacks, {}
         for callback in callbacks.values():
             callback(None, 0.0, 0)
         self._on_death(self)
+
+    def watch_exit(self, pid: int, callback: Callable[[int | None, float, int], None]) -> None:
+        """Call ``callback(status, cpu_s, maxrss)`` when the zygote reports ``pid`` reaped (at
+        once if it already has; with None if the zygote dies first)."""
+        self._unclaimed.pop(pid, None)
+        early = self._early_exits.pop(pid, None)
+        if early is not None:
+            callback(*early)
+        elif not self.alive:
+            callback(None, 0.0, 0)
+        else:
+            self.exit_callbacks[pid] = callback
 
     async def spawn(self, config: Mapping[str, Any], fds: Sequence[int]) -> tuple[int, int]:
         """Ask for a worker; returns its (pid, pidfd)."""
@@ -344,7 +373,7 @@ class WorkerHandle:
         self.violation: str | None = None
         self._reading = False
         self.closed = False
-        zyg.exit_callbacks[pid] = self._on_status
+        zyg.watch_exit(pid, self._on_status)
         for fd in (out_fd, err_fd):
             os.set_blocking(fd, False)
         self.loop.add_reader(out_fd, self._on_pipe, out_fd, self.stdout)
@@ -525,10 +554,11 @@ class WorkerHandle:
                 self.cgroup.kill_all()
             except OSError as exc:
                 log.warning("cgroup kill of worker %s failed: %s", self.pid, exc)
-        if self.alive:
+        if self.alive and self.pidfd >= 0 and not select.select([self.pidfd], [], [], 0)[0]:
             with contextlib.suppress(ProcessLookupError, OSError):
-                # The worker leads its own session: take its group first, while the pidfd
-                # still proves the pid is ours.
+                # The worker leads its own session: take its group first. Only while the
+                # kernel says it has not exited (its pidfd is not readable): an exited worker
+                # may already be reaped by the zygote and its pid (the group id) reused.
                 os.killpg(self.pid, signal.SIGKILL)
             with contextlib.suppress(ProcessLookupError, OSError):
                 signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)

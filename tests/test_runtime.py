@@ -6,6 +6,7 @@ pool must be back to its warm size and the next call must be OK.
 
 from __future__ import annotations
 
+import errno
 import os
 import textwrap
 import time
@@ -731,3 +732,33 @@ def test_a_signal_the_function_sends_itself_is_ignored(rt: Runtime, sig: str) ->
         assert result.outcome is Outcome.OK and result.result == "still here", result.error
     else:
         assert result.outcome is Outcome.CRASHED, result
+
+
+@pytest.mark.parametrize(("err", "outcome", "error_type"), [
+    (errno.EBUSY, Outcome.MEMORY_LIMIT, "MemoryLimitExceeded"),
+    (errno.EIO, Outcome.CRASHED, "LimitsNotApplied"),
+])
+def test_limits_the_cgroup_refuses_end_the_call_not_the_runtime(
+        monkeypatch: pytest.MonkeyPatch, err: int, outcome: Outcome, error_type: str) -> None:
+    """A kernel refusal of the call's limits (injected at the cgroupfs write: v1 answers EBUSY
+    to a memory limit below the group's usage) is that call's outcome; the function never
+    runs unlimited, and its worker is not left busy."""
+    from sandbox.cgroups import CgroupManager, WorkerCgroup
+
+    if not CgroupManager(prefix="probe").available:
+        pytest.skip("no usable cgroups on this machine")
+    real = WorkerCgroup.set_limits
+
+    def refuse(self: WorkerCgroup, *, memory_bytes: int | None, max_pids: int | None) -> None:
+        if memory_bytes == 17 << 20:
+            raise OSError(err, os.strerror(err))
+        real(self, memory_bytes=memory_bytes, max_pids=max_pids)
+
+    monkeypatch.setattr(WorkerCgroup, "set_limits", refuse)
+    with Runtime(min_idle=1, cgroups=True) as runtime:
+        runtime.register("mark", source="def handler(e, c):\n    print('ran')\n    return 1\n")
+        result = runtime.invoke("mark", limits=Limits(memory_bytes=17 << 20))
+        assert result.outcome is outcome and result.error is not None, result
+        assert result.error.type == error_type and "did not run" in result.error.message
+        assert "ran" not in result.stdout
+        assert runtime.invoke("mark").result == 1  # the runtime goes on

@@ -1,9 +1,12 @@
-"""`sandbox bench [SUITE|all] [--quick] [--out DIR]`, SUITE one of `SUITE_NAMES`.
+"""`sandbox bench [SUITE|all] [--quick] [--out DIR]`, SUITE one of `SUITE_NAMES` (all of them:
+`all`) or `LONG_SUITES` (only when named: `soak`).
 
 Also `python -m benchmarks ...`. `main(argv) -> int` is what the `sandbox bench` subcommand calls.
 Runs each suite's units under one tqdm progress bar (stderr), writes DIR/<suite>.{json,md,png},
 and at the end makes sure no process it started is left: pools, servers and zygotes are torn
-down by their methods; anything still alive is reported and killed.
+down by their methods; anything still alive is reported and killed (exit status 3). A suite
+whose own checks failed (`extra["checks"]`, the soak's: a call lost, a wrong outcome, a slope
+over its threshold) makes the exit status 4.
 """
 
 from __future__ import annotations
@@ -15,17 +18,22 @@ from collections.abc import Sequence
 from pathlib import Path
 
 SUITE_NAMES = (
-    "coldstart", "latency", "sustained", "throughput", "timeouts", "births", "memory", "paper",
+    "coldstart", "latency", "sustained", "throughput", "timeouts", "births", "calls", "memory",
+    "paper",
 )  # fmt: skip
+#: suites run only when named (long): not in `all`
+LONG_SUITES = ("soak",)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="sandbox bench",
         description="Cold start, latency (light load and sustained), throughput, timeout, "
-        "birth and memory benchmarks.",
+        "birth, call-phase and memory benchmarks (`all`); `soak` (long, only when named): "
+        "20,000 calls, 10 % hostile, nothing lost, supervisor memory and fds flat.",
     )
-    p.add_argument("suite", nargs="?", default="all", choices=(*SUITE_NAMES, "all"))
+    p.add_argument("suite", nargs="?", default="all",
+                   choices=(*SUITE_NAMES, *LONG_SUITES, "all"))  # fmt: skip
     p.add_argument(
         "--quick", action="store_true", help="few samples: all suites in well under 2 minutes"
     )
@@ -78,6 +86,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     machine = machine_info()
     t_start = time.monotonic()
     written: list[Path] = []
+    failed: list[str] = []
     with tqdm.tqdm(
         total=sum(len(units) for _, units in plans),
         file=sys.stderr,
@@ -95,6 +104,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     res.timings[unit.label] = round(time.monotonic() - t0, 2)
                     bar.update()
                 written += report.write(res, machine, args.out)
+                failed += [f"{name}: {c['check']}: {c['value']}"
+                           for c in res.extra.get("checks", []) if c.get("passed") is False]
         finally:
             left = _leftovers()
     for path in written:
@@ -103,4 +114,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if left:
         print("leftover processes (killed): " + "; ".join(left), file=sys.stderr)
         return 3
+    if failed:
+        print("checks failed: " + "; ".join(failed), file=sys.stderr)
+        return 4
     return 0

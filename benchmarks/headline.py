@@ -3,10 +3,10 @@
     python -m benchmarks.headline DIR     prints the markdown (README, docs/benchmarks/README.md)
 
 Two tables. The targets: each comparison with its regime, ours, theirs, the ratio and the
-target with its verdict (sustained first: the regime users live in; then births, timeouts, and
-the light-load rows, where the pool was warm when the call came). The sustained rows: p50, p99
-and calls/s per method at 1, 16 and 128 callers. Every ratio is between rows of the same run
-(see the rule in `report.RULES`).
+target with its verdict (sustained first: the regime users live in; then births, the soak's
+verdicts, timeouts, and the light-load rows, where the pool was warm when the call came). The
+sustained rows: p50, p99 and calls/s per method at 1, 16 and 128 callers. Every ratio is between
+rows of the same run (see the rule in `report.RULES`).
 """
 
 from __future__ import annotations
@@ -60,6 +60,18 @@ def headlines(out: Path) -> list[tuple[str, str, str, str, str]]:
                 _value(r["ours_value"], r["unit"]), _value(r["theirs_value"], r["unit"]),
                 f"{r['value']:.3g}×", r["verdict"],
             ))  # fmt: skip
+
+    # The soak: behaviour (nothing lost, every outcome right) and flatness (slopes).
+    soak = _load(out, "soak").get("soak")
+    if soak:
+        judged = {True: "pass", False: "FAIL", None: "not judged (quick run)"}
+        where = (f"soak ({soak['total']:,} calls, {soak['callers']} callers, "
+                 f"{soak['hostile_fraction']:.0%} hostile)")  # fmt: skip
+        for c in soak.get("checks", []):
+            if c["check"].startswith(("processes", "exceptions", "no-op")):
+                continue  # on the soak's page
+            lines.append((f"{where}: {c['check']}", c["value"], "—", "—",
+                          f"{c['threshold']}: {judged[c['passed']]}"))  # fmt: skip
 
     def ratio(
         label: str, ours: dict[str, Any] | None, theirs: dict[str, Any] | None,
@@ -166,7 +178,8 @@ def runs(out: Path) -> str:
     """When (and from which checkout) each suite in the tables was measured: suites can be
     re-run one at a time, so the tables may combine runs; each ratio is within one run."""
     parts = []
-    for suite in ("sustained", "births", "timeouts", "latency", "coldstart", "throughput"):
+    for suite in ("sustained", "births", "calls", "soak", "timeouts", "latency", "coldstart",
+                  "throughput"):
         machine = _load(out, suite).get("machine")
         if not machine:
             continue

@@ -26,6 +26,11 @@ Options of the embedded methods (keyword arguments of the method class):
     runtime_defaults=True   AsyncRuntime(profiles=...) and nothing else: the runtime's defaults
     isolation=..., cgroups=..., min_idle=..., max_idle=...   passed to AsyncRuntime as given
     reuse=N, gc_freeze=False, max_concurrency=N
+    setup_call=False        no call at setup (the `calls` suite: the runtime's call records are
+                            then exactly the suite's calls)
+
+`stats_log`: set it to a list and every result's `stats` of `call` and `run_inflight` is
+appended to it (the `calls` suite reads `run_s` and `function_s`).
 """
 
 from __future__ import annotations
@@ -100,6 +105,7 @@ class _Embedded(Method):
     rt: Any = None
     loop: Any = None
     on_demand: int = 0
+    stats_log: list[Any] | None = None
 
     def setup(self) -> None:
         try:
@@ -134,7 +140,8 @@ class _Embedded(Method):
                 reuse=int(self.options.get("reuse", self.reuse)),
             )
         )
-        self.call({"op": "echo"})  # the zygote exists and has served once: not a setup cost
+        if self.options.get("setup_call", True):
+            self.call({"op": "echo"})  # the zygote exists and has served once: not a setup cost
 
     def _run(self, fn: Callable[[], Any], timeout: float | None = 120) -> Any:
         async def go() -> Any:
@@ -157,6 +164,8 @@ class _Embedded(Method):
     def call(self, event: dict[str, Any]) -> Any:
         res = self._run(lambda: self._invoke(event))
         self.on_demand += _on_demand(res)
+        if self.stats_log is not None:
+            self.stats_log.append(res.stats)
         return _check(res)
 
     def call_with_timeout(self, event: dict[str, Any], timeout_s: float) -> str:
@@ -214,6 +223,8 @@ class _Embedded(Method):
                     res = await self._invoke(event)
                     latencies[i] = time.perf_counter_ns() - t0
                     self.on_demand += _on_demand(res)
+                    if self.stats_log is not None:
+                        self.stats_log.append(res.stats)
                     _check(res)
 
             await asyncio.gather(*(one(i, e) for i, e in enumerate(events)))

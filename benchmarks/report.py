@@ -11,7 +11,10 @@ JSON::
                  "op", "target", "goal", "per_round", "passed", "verdict"}],
      "unavailable": [{"scenario", "method", "preload", "reason"}], "notes": [str],
      "unit_seconds": {unit label: s}, (births suite: "births": {scenario: {configuration:
-     the runtime's birth stats}})}
+     the runtime's birth stats}}), (calls suite: "calls": {scenario: {configuration: the
+     runtime's call stats, "calls", "forked_on_demand", "stats_ms"}}, "regimes": {scenario:
+     regime}), (soak suite: "soak": {its findings, see benchmarks/soak.py}, "checks": [{"check",
+     "value", "threshold", "passed": bool|null}])}
 
 The table's last column compares each row with the suite's baseline method in the same scenario
 (and the same preload, else `none`): see `BASELINES`. Suites with targets (sustained, births)
@@ -116,6 +119,38 @@ BASELINES: dict[str, Baseline] = {
         "without pauses (the pool births a worker per call). calls/s counts calls, births/s the "
         "births the runtime counted during them. The phase breakdown is the runtime's own "
         "(`info()[\"pools\"][\"default\"][\"births\"]`), p50 per phase in birth order.",
+    ),
+    "soak": Baseline(
+        "noop",
+        "p50_ms",
+        about="One embedded `Runtime()` at its defaults, 16 caller threads without pauses, N "
+        "calls of which exactly 10 % are hostile (a fixed-seed shuffle, every hostile kind in "
+        "equal share): a sleep past a 0.1 s timeout, a 1 GiB allocation under 64 MiB, "
+        "`os._exit(3)`, an exception, a 10 MB result under 1 MiB, a fork bomb under 16 "
+        "processes and a 1 s timeout, 50 MB printed; the rest no-ops that return their event. "
+        "Every call must get exactly one result with exactly its expected outcome, every no-op "
+        "its own event back, no exception may escape, and no process of the runtime may "
+        "outlive `close()`. The supervisor's (this process's) RSS and open fds are sampled every "
+        "100 completed calls, under load, by a thread the callers' progress wakes; the verdict "
+        "is the least-squares slope after a warm-up of the first 10 % of the calls, below its "
+        "threshold (one-sided: a leak grows). The rows are the "
+        "calls as the callers timed them, per kind (ratio: p50 against the no-ops').",
+    ),
+    "calls": Baseline(
+        "sandbox-no-layers",
+        "p50_ms",
+        about="Where a trivial call's (echo) time goes, every isolation layer (the runtime's "
+        "defaults; strict as root) against none (`isolation=\"off\", cgroups=False`), same "
+        "run. `light-load-warm-pool`: the harness waits, untimed, for a warm pool "
+        "(`wait_warm()`) before each call. `1-caller` / `16-callers` (sustained): calls back "
+        "to back, or 16 callers without pauses. A fresh runtime per scenario and "
+        "configuration, no call before the scenario's, so the runtime's records of recent OK "
+        "calls (`info()[\"calls\"]`) are exactly the scenario's. Phases, in order: `queue` "
+        "(admission), `acquire` (a ready worker: ~0 when one was idle, else the wait for a "
+        "birth), `dispatch`, `to_worker`, `load`, `run` (the function), `encode`, "
+        "`to_supervisor`, `classify`; worker and supervisor share one monotonic clock. Beside "
+        "them the results' own stats: `run_s`, `function_s` (the handler, timed in the worker) "
+        "and their difference. The rows are the calls as the harness timed them.",
     ),
 }
 
@@ -284,6 +319,86 @@ def births_markdown(res: SuiteResult) -> str:
     return "\n".join(out)
 
 
+def calls_markdown(res: SuiteResult) -> str:
+    """The calls suite's phase tables: per scenario (with its regime), p50 (p90, p99) per call
+    phase in the runtime's order, per configuration, and the results' stats beside them."""
+    from benchmarks.calls import STATS
+
+    data = res.extra.get("calls")
+    if not data:
+        return ""
+    regimes = res.extra.get("regimes", {})
+    out = []
+    for scenario, by_config in data.items():
+        if not by_config:
+            continue
+        configs = list(by_config)
+        head = "| phase | " + " | ".join(f"{c}: p50 (p90, p99) ms" for c in configs)
+        if len(configs) == 2:
+            head += f" | {configs[0]} ÷ {configs[1]}, p50"
+        lines = [head + " |", "|---|" + "--:|" * (len(configs) + (len(configs) == 2))]
+        lines.append(_phase_cells(
+            "**total** (sum of the phases)", [by_config[c].get("total_ms") or None for c in configs]
+        ))  # fmt: skip
+        for phase in phase_order(by_config):
+            lines.append(_phase_cells(
+                phase, [by_config[c].get("phases_ms", {}).get(phase) for c in configs]
+            ))  # fmt: skip
+        for key, label in STATS:
+            lines.append(_phase_cells(
+                f"*{label}*", [by_config[c].get("stats_ms", {}).get(key) or None for c in configs]
+            ))  # fmt: skip
+        counts = ", ".join(
+            f"{c}: {d.get('calls', 0)} calls, {d.get('sampled', 0)} sampled, "
+            f"{d.get('forked_on_demand', 0)} forked on demand"
+            for c, d in by_config.items()
+        )
+        regime = regimes.get(scenario, "")
+        out.append(
+            f"### Call phases, `{scenario}` ({regime})\n\n" + "\n".join(lines)
+            + f"\n\n{counts}.\n"
+        )
+    return "\n".join(out)
+
+
+def soak_markdown(res: SuiteResult) -> str:
+    """The soak's verdicts (checks with thresholds) and its outcome counts per kind of call."""
+    f = res.extra.get("soak")
+    if not f:
+        return ""
+    verdict = {True: "pass", False: "**FAIL**", None: "not judged (quick run: too few samples)"}
+    lines = [
+        f"{f['total']:,} calls ({f['hostile']:,} hostile), {f['callers']} callers, seed "
+        f"{f['seed']}: {f['wall_s']:.1f} s, **{f['calls_per_s']:,.1f} calls/s**. Samples every "
+        f"{f['every']:,} completed calls; warm-up (not in the slopes): the first "
+        f"{f['warmup_calls']:,}.\n",
+        "| check | value | threshold | verdict |", "|---|--:|---|---|",
+    ]
+    for c in f["checks"]:
+        lines.append(f"| {c['check']} | {c['value']} | {c['threshold']} | "
+                     f"{verdict[c['passed']]} |")  # fmt: skip
+    lines += ["", "### Outcomes per kind of call", "",
+              "| call | what it does | limits | calls | expected | outcomes | right |",
+              "|---|---|---|--:|---|---|--:|"]  # fmt: skip
+    for kind, k in f["kinds"].items():
+        limits = ", ".join(
+            f"{n}={v / 2**20:g} MiB" if n.endswith("_bytes") else f"{n}={v:g}"
+            for n, v in k["limits"].items()
+        ) or "defaults"  # fmt: skip
+        outs = ", ".join(f"{o} {n:,}" for o, n in k["outcomes"].items()) or "—"
+        lines.append(f"| {kind} | {k['does']} | {limits} | {k['calls']:,} | {k['expected']} | "
+                     f"{outs} | {k['right']:,} |")  # fmt: skip
+    after = [x for x in f["samples"] if x["calls"] >= max(1, f["warmup_calls"])]
+    if after:
+        rss = [x["rss_bytes"] / 2**20 for x in after]
+        fds = [x["fds"] for x in after]
+        lines += ["", f"After warm-up ({len(after)} samples): supervisor RSS {min(rss):.1f} to "
+                  f"{max(rss):.1f} MiB (first {rss[0]:.1f}, last {rss[-1]:.1f}), open fds "
+                  f"{min(fds)} to {max(fds)} (first {fds[0]}, last {fds[-1]}); a sample is "
+                  "read while calls are in flight, which hold fds and memory of their own."]
+    return "## Verdict\n\n" + "\n".join(lines) + "\n"
+
+
 def phase_order(by_config: dict[str, Any]) -> list[str]:
     from benchmarks.births import merge_order
 
@@ -329,8 +444,10 @@ def to_markdown(res: SuiteResult, machine: dict[str, Any]) -> str:
     text = head
     if res.ratios:
         text += "## Ratios against the targets\n\n" + ratios_markdown(res) + "\n## Rows\n\n"
+    elif res.extra.get("soak"):
+        text += soak_markdown(res) + "\n## Rows\n\n"
     text += "\n".join(lines) + "\n"
-    phases = births_markdown(res)
+    phases = births_markdown(res) or calls_markdown(res)
     if phases:
         text += "\n" + phases
     if res.notes:
@@ -400,6 +517,65 @@ def _births_png(plt: Any, data: dict[str, dict[str, Any]]) -> tuple[Any, Any]:
     return fig, ax
 
 
+def _calls_png(plt: Any, data: dict[str, dict[str, Any]], regimes: dict[str, str]
+               ) -> tuple[Any, Any]:  # fmt: skip
+    """One panel per scenario (each its own scale: a sustained call waits far longer), a
+    stacked bar per configuration: the p50 of each call phase in order, and a marker at the
+    p50 of the whole call (p50s do not add up exactly)."""
+    scenarios = [s for s, by_config in data.items() if by_config]
+    phases = phase_order({f"{s}/{c}": d for s in scenarios for c, d in data[s].items()})
+    fig, axes = plt.subplots(1, len(scenarios), figsize=(3.2 * len(scenarios) + 2.4, 4.8),
+                             squeeze=False)  # fmt: skip
+    cmap = plt.get_cmap("tab10")
+    for ax, scenario in zip(axes[0], scenarios, strict=True):
+        configs = list(data[scenario])
+        bottoms = [0.0] * len(configs)
+        for k, phase in enumerate(phases):
+            heights = [data[scenario][c].get("phases_ms", {}).get(phase, {}).get("p50", 0.0)
+                       for c in configs]  # fmt: skip
+            ax.bar(range(len(configs)), heights, bottom=bottoms, color=cmap(k % 10),
+                   label=phase, width=0.6)  # fmt: skip
+            bottoms = [b + h for b, h in zip(bottoms, heights, strict=True)]
+        totals = [data[scenario][c].get("total_ms", {}).get("p50") for c in configs]
+        xs = [i for i, t in enumerate(totals) if t]
+        ax.scatter(xs, [totals[i] for i in xs], marker="_", s=500, color="black", zorder=3,
+                   label="total p50")  # fmt: skip
+        ax.set_xticks(range(len(configs)))
+        ax.set_xticklabels(configs, fontsize=8)
+        ax.set_xlim(-0.6, len(configs) - 0.4)
+        ax.set_title(f"{scenario}\n({regimes.get(scenario, '')})", fontsize=9)
+    axes[0][0].set_ylabel("call, ms (p50 per phase, stacked)")
+    handles, labels = axes[0][-1].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=7, loc="center right")
+    return fig, None
+
+
+def _soak_png(plt: Any, f: dict[str, Any]) -> tuple[Any, Any]:
+    """Supervisor RSS and open fds against calls completed, the warm-up shaded, the
+    least-squares line after it."""
+    xs = [x["calls"] for x in f["samples"]]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, key, scale, unit, slope_key in (
+        (axes[0], "rss_bytes", 2**20, "supervisor RSS, MiB", "rss_kib_per_1k_calls"),
+        (axes[1], "fds", 1, "supervisor open fds", "fds_per_1k_calls"),
+    ):
+        ax.plot(xs, [x[key] / scale for x in f["samples"]], marker=".", linewidth=1)
+        ax.axvspan(0, f["warmup_calls"], color="0.9", label="warm-up (not fitted)")
+        s = f["slopes"][slope_key]
+        if s.get("value") is not None:
+            fit = [x for x in xs if x >= max(1, f["warmup_calls"])]
+            per = 1024 if key == "rss_bytes" else 1  # the RSS slope is in KiB
+            ax.plot(fit, [(s["intercept"] + s["value"] * x / 1000) * per / scale for x in fit],
+                    color="tab:red", linewidth=1.5,
+                    label=f"slope {s['value']:.3g} ± {s['stderr']:.2g} "
+                          f"{'KiB' if key == 'rss_bytes' else 'fds'} / 1k calls")  # fmt: skip
+        ax.set_xlabel("calls completed")
+        ax.set_ylabel(unit)
+        ax.set_ylim(bottom=0)
+        ax.legend(fontsize=7, loc="lower right")
+    return fig, None
+
+
 def to_png(res: SuiteResult, path: Path) -> None:
     import matplotlib
 
@@ -409,6 +585,10 @@ def to_png(res: SuiteResult, path: Path) -> None:
     rows = res.rows
     if res.suite == "births" and res.extra.get("births"):
         fig, ax = _births_png(plt, res.extra["births"])
+    elif res.suite == "soak" and res.extra.get("soak"):
+        fig, ax = _soak_png(plt, res.extra["soak"])
+    elif res.suite == "calls" and res.extra.get("calls"):
+        fig, ax = _calls_png(plt, res.extra["calls"], res.extra.get("regimes", {}))
     elif res.suite == "sustained" and rows:
         fig, ax = _sustained_png(plt, rows)
     elif res.suite == "throughput" and rows:
@@ -487,7 +667,8 @@ def to_png(res: SuiteResult, path: Path) -> None:
         fig.suptitle(f"sandbox bench: {res.suite}")
     else:
         ax.set_title(f"sandbox bench: {res.suite}")
-    fig.tight_layout()
+    # the calls figure keeps its right edge for the legend of every panel
+    fig.tight_layout(rect=(0, 0, 0.86, 1) if res.suite == "calls" else None)
     fig.savefig(path, dpi=100)
     plt.close(fig)
 

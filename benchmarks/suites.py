@@ -16,6 +16,10 @@ visible while it runs. A unit whose method cannot be set up is recorded as
     sustained   (sustained.py) no pauses: 1, 16, 128 callers; embedded, gRPC unary, InvokeMany,
                 beside ppe-warm, mp-fork, the fork-and-reap floor and a bare gRPC echo
     births      (births.py) births/s and where a birth's time goes, all isolation layers vs none
+    calls       (calls.py) where a call's time goes, phase by phase, at light load and sustained,
+                all isolation layers vs none
+    soak        (soak.py, not in `all`: long) 20,000 calls from 16 callers, 10 % hostile: nothing
+                lost, every outcome right, the supervisor's RSS and fds flat (slopes)
 
 Every row says its regime (`core.LIGHT`: the harness waited for a warm pool before each call;
 `core.SUSTAINED`: no pauses between calls).
@@ -585,6 +589,18 @@ def _births(cfg: Config) -> list[Unit]:
     return births(cfg)
 
 
+def _calls(cfg: Config) -> list[Unit]:
+    from benchmarks.calls import calls
+
+    return calls(cfg)
+
+
+def _soak(cfg: Config) -> list[Unit]:
+    from benchmarks.soak import soak
+
+    return soak(cfg)
+
+
 SUITES: dict[str, Callable[[Config], list[Unit]]] = {
     "coldstart": coldstart,
     "latency": latency,
@@ -594,4 +610,6 @@ SUITES: dict[str, Callable[[Config], list[Unit]]] = {
     "paper": paper,
     "sustained": _sustained,
     "births": _births,
+    "calls": _calls,
+    "soak": _soak,
 }

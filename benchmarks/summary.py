@@ -14,6 +14,8 @@ from benchmarks.headline import to_markdown as headline_table
 SUITES = [
     ("sustained", "Sustained load: no pauses between calls (1, 16, 128 callers)"),
     ("births", "Worker births: births/s and phases, all isolation layers vs none"),
+    ("calls", "Where a call's time goes: phases at light load and sustained, all layers vs none"),
+    ("soak", "Soak: 16 callers, 10 % hostile calls; nothing lost, supervisor RSS and fds flat"),
     ("latency", "Latency at light load (warm pool before each call)"),
     ("timeouts", "Timeouts (100 ms timeout): light load, and 16 callers at once"),
     ("coldstart", "Cold start with a preloaded profile (light load, warm pool)"),
@@ -28,7 +30,8 @@ INTRO = """# Benchmark results
 
 ```
 python -m benchmarks all --out docs/benchmarks      # or: sandbox bench all --out docs/benchmarks
-python -m benchmarks sustained --out docs/benchmarks  # one suite (births, latency, ...)
+python -m benchmarks sustained --out docs/benchmarks  # one suite (births, calls, latency, ...)
+python -m benchmarks soak --out docs/benchmarks     # the soak: long, not part of `all`
 python -m benchmarks.summary docs/benchmarks        # this page
 ```
 
@@ -95,11 +98,21 @@ def _ratios(md: str) -> str:
 
 
 def _phases(md: str) -> str:
-    """The births page's phase tables (from its first "### Birth phases" to its notes)."""
-    if "### Birth phases" not in md:
+    """The births or calls page's phase tables (from its first "### Birth phases" or "### Call
+    phases" to its notes)."""
+    for mark in ("### Birth phases", "### Call phases"):
+        if mark in md:
+            text = mark + md.split(mark, 1)[1]
+            return text.split("\n## ", 1)[0].replace("### ", "#### ")
+    return ""
+
+
+def _verdict(md: str) -> str:
+    """The soak page's verdict and outcome tables (its "## Verdict" section)."""
+    if "## Verdict" not in md:
         return ""
-    text = "### Birth phases" + md.split("### Birth phases", 1)[1]
-    return text.split("\n## ", 1)[0].replace("### ", "#### ")
+    text = md.split("## Verdict", 1)[1].split("\n## ", 1)[0]
+    return text.replace("### ", "#### ").strip()
 
 
 def write(out: Path) -> Path:
@@ -115,6 +128,9 @@ def write(out: Path) -> Path:
         ratios = _ratios(md)
         if ratios:
             section += ratios + "\n\n"
+        verdict = _verdict(md)
+        if verdict:
+            section += verdict + "\n\n"
         section += _first_table(rows) + "\n\n"
         phases = _phases(md)
         if phases:

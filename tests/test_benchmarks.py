@@ -1,7 +1,8 @@
 """Smoke test of the benchmark harness: `python -m benchmarks all --quick` produces, for every
 suite, a well-formed JSON (the schema in benchmarks/report.py), a markdown table and a PNG, and
 leaves no process behind; every row names its regime; the sustained and births suites carry their
-ratios against the targets. Speeds are not asserted."""
+ratios against the targets; the calls suite the runtime's call phases. Speeds are not asserted.
+The soak (not in `all`) has its own test, tests/test_soak.py."""
 
 from __future__ import annotations
 
@@ -258,6 +259,45 @@ def test_births_quick(quick_run: tuple[Path, subprocess.CompletedProcess[str]]) 
     table = md.split("### Birth phases, `on-demand-sequential`", 1)[1].split("###", 1)[0]
     positions = [table.index(f"\n| {p} |") for p in phases]
     assert positions == sorted(positions)
+
+
+CALL_PHASES = ["queue", "acquire", "dispatch", "to_worker", "load", "run", "encode",
+               "to_supervisor", "classify"]  # fmt: skip
+
+
+def test_calls_quick(quick_run: tuple[Path, subprocess.CompletedProcess[str]]) -> None:
+    """Both configurations in the three scenarios, each named with its regime; the runtime's
+    call records are exactly the scenario's calls; the phases in the runtime's order, in the
+    JSON and in each scenario's table; the results' run_s and function_s beside them."""
+    out, _ = quick_run
+    data = json.loads((out / "calls.json").read_text())
+    rows = {(r["scenario"], r["method"]): r for r in data["results"]}
+    regimes = {"light-load-warm-pool": LIGHT, "1-caller": SUSTAINED, "16-callers": SUSTAINED}
+    assert data["regimes"] == regimes
+    md = (out / "calls.md").read_text()
+    for scenario, regime in regimes.items():
+        for m in ("sandbox-all-layers", "sandbox-no-layers"):
+            assert rows[(scenario, m)]["regime"] == regime, rows
+        if regime == SUSTAINED:
+            assert all(rows[(scenario, m)]["throughput_per_s"] for m in
+                       ("sandbox-all-layers", "sandbox-no-layers"))  # fmt: skip
+        for config in ("all layers", "no layers"):
+            stats = data["calls"][scenario][config]
+            assert stats["sampled"] == stats["calls"] == rows[
+                (scenario, f"sandbox-{config.replace(' ', '-')}")]["n"]
+            assert list(stats["phases_ms"]) == CALL_PHASES
+            assert all(set(v) == {"p50", "p90", "p99"} for v in stats["phases_ms"].values())
+            assert set(stats["total_ms"]) == {"p50", "p90", "p99"}
+            assert {"run_s", "function_s", "overhead_s", "startup_s"} <= set(stats["stats_ms"])
+            assert 0 < stats["stats_ms"]["function_s"]["p50"] <= stats["stats_ms"]["run_s"]["p50"]
+        head = f"### Call phases, `{scenario}` ({regime})"
+        assert head in md
+        table = md.split(head, 1)[1].split("###", 1)[0]
+        positions = [table.index(f"\n| {p} |") for p in CALL_PHASES]
+        assert positions == sorted(positions)
+        assert "stats.function_s" in table and "**total**" in table
+    # at light load the pool was warm before each call: no call waited for a birth
+    assert all(d["forked_on_demand"] == 0 for d in data["calls"]["light-load-warm-pool"].values())
 
 
 def test_regimes_named(quick_run: tuple[Path, subprocess.CompletedProcess[str]]) -> None:

@@ -1,5 +1,6 @@
 """Benchmarks: cold start, latency (light load and sustained), throughput, timeouts, worker
-births, memory, and the SOCK/Forklift paper.
+births, call phases, memory, and the SOCK/Forklift paper; and a soak (hostile sustained load,
+long: not part of `all`).
 
 Map of the package (each module one concept)::
 
@@ -7,6 +8,10 @@ Map of the package (each module one concept)::
     suites.py       one function per suite, over (methods x preloads x scenarios)
     sustained.py    the sustained suite: no pauses between calls, 1/16/128 callers, ratios
     births.py       the births suite: births/s and the phases of a birth, all layers vs none
+    calls.py        the calls suite: the phases of a call (the runtime's own breakdown), light
+                    load and sustained, all layers vs none
+    soak.py         the soak suite: 20,000 calls, 16 callers, 10 % hostile; nothing lost, every
+                    outcome right, the supervisor's RSS and fd slopes; no process left
     core.py         the Method interface, the method table, timing and statistics, machine info
     peers.py        the methods we compare against: fresh interpreters, multiprocessing, pools,
                     gRPC, the fork-and-reap floor

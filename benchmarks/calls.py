@@ -133,7 +133,7 @@ def calls(cfg: Config) -> list[Unit]:
                 res.notes.append(
                     f"{scenario} ({config}): {d['n']} calls, {d['info'].get('sampled', 0)} in "
                     f"the runtime's records, {d['on_demand']} served by a worker forked on "
-                    "demand (no warm worker was idle)"
+                    "demand"
                 )
         res.extra["calls"] = {
             scenario: {

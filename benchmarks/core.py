@@ -409,5 +409,7 @@ def machine_info() -> dict[str, Any]:
             k: os.environ[k] for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE") if k in os.environ
         },
         "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        #: 1, 5 and 15 minute load averages when the run started (other work on the machine)
+        "loadavg": [round(x, 2) for x in os.getloadavg()],
         "git": _git(),
     }

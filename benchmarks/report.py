@@ -388,6 +388,30 @@ def soak_markdown(res: SuiteResult) -> str:
         outs = ", ".join(f"{o} {n:,}" for o, n in k["outcomes"].items()) or "—"
         lines.append(f"| {kind} | {k['does']} | {limits} | {k['calls']:,} | {k['expected']} | "
                      f"{outs} | {k['right']:,} |")  # fmt: skip
+    if f.get("tenths"):
+        lines += ["", "### Per tenth of the run (a reading aid, not judged)", "",
+                  "A leak raises the floor (the minimum) tenth after tenth; what the calls in "
+                  "flight hold moves the median and the maximum.", "",
+                  "| calls | samples | RSS MiB: min / median | fds: min / median "
+                  "| Python blocks: min / median |", "|---|--:|--:|--:|--:|"]  # fmt: skip
+        for t in f["tenths"]:
+            r, d, b = t.get("rss_bytes"), t.get("fds"), t.get("py_blocks")
+            lines.append(
+                f"| {t['calls'][0]:,} – {t['calls'][1]:,} | {t['samples']} | "
+                + (f"{r['min'] / 2**20:.2f} / {r['median'] / 2**20:.2f}" if r else "—") + " | "
+                + (f"{d['min']} / {d['median']:g}" if d else "—") + " | "
+                + (f"{b['min']:,} / {b['median']:,.0f}" if b else "—") + " |"
+            )
+        blocks = f["slopes"].get("py_blocks_per_1k_calls", {})
+        if blocks.get("value") is not None:
+            lines += ["", f"Python's allocated blocks after warm-up: slope {blocks['value']:.3g} "
+                      f"± {blocks['stderr']:.2g} per 1k calls (not judged)."]  # fmt: skip
+    load = f.get("loadavg")
+    if load:
+        lines += ["", f"Machine load average (1, 5, 15 min) at the start: "
+                  f"{', '.join(f'{x:g}' for x in load['start'])}; at the end: "
+                  f"{', '.join(f'{x:g}' for x in load['end'])} (2 CPUs; other work on the "
+                  "machine slows the calls, not the checks)."]  # fmt: skip
     after = [x for x in f["samples"] if x["calls"] >= max(1, f["warmup_calls"])]
     if after:
         rss = [x["rss_bytes"] / 2**20 for x in after]
@@ -416,6 +440,9 @@ def to_markdown(res: SuiteResult, machine: dict[str, Any]) -> str:
         f"Python {machine.get('python')}, Linux {machine.get('kernel')}, "
         f"{machine.get('time_utc')}."
     )
+    if machine.get("loadavg"):
+        head += " Load average at the start: " + ", ".join(f"{x:g}" for x in machine["loadavg"])
+        head += " (1, 5, 15 min)."
     git = machine.get("git")
     if git:
         head += f" Checkout {git['commit'][:10]}" + (

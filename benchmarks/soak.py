@@ -28,9 +28,11 @@ the first call, so its own memory stays flat.
 
 Flatness: a sampling thread, woken by the callers' progress (every `every` completed calls:
 100 in the full run, 200 samples; never by a timer), reads this process's (the supervisor's)
-RSS and open fd count. Each sample is taken under load, so it includes what the calls in
-flight hold (a stdout flood's captured megabyte, a worker's channel and pidfd): about 0.75 MiB
-and 8 fds of noise from sample to sample, which is why the samples are dense. The verdict is
+RSS and open fd count (and, as a reading aid, Python's allocated blocks: Python objects kept
+alive would grow them, a C heap step would not). Each sample is taken under load, so it
+includes what the calls in flight hold (a stdout flood's captured megabyte, a worker's channel
+and pidfd): about 0.75 MiB and 8 fds of noise from sample to sample, which is why the samples
+are dense. The verdict is
 the least-squares slope after a warm-up (the first 10 % of the calls), per 1,000 calls, below
 `RSS_SLOPE_MAX_KIB` and `FD_SLOPE_MAX` (one-sided: a leak grows; a negative slope is memory
 settling after the warm-up, reported as it is); its standard error is reported beside it.
@@ -47,6 +49,7 @@ import random
 import re
 import select
 import statistics
+import sys
 import threading
 import time
 from typing import Any
@@ -253,6 +256,7 @@ def run(total: int, callers: int = CALLERS, seed: int = SEED, every: int | None 
     next_call = iter(range(total))
 
     children_before = {c.pid for c in psutil.Process().children(recursive=True)}
+    load_start = os.getloadavg()
     rt = Runtime(max_queue=max(4096, 4 * callers))
     zygotes: set[int] = set()
     t_start = t_end = 0
@@ -264,10 +268,12 @@ def run(total: int, callers: int = CALLERS, seed: int = SEED, every: int | None 
 
         def sample(calls: int) -> None:
             rss, fds, threads = _rss_bytes(), _fds(), _threads()
+            blocks = sys.getallocatedblocks()
             info = rt.info()
             pool = info["pools"].get("default", {})
             samples.append({
                 "calls": calls, "rss_bytes": rss, "fds": fds, "threads": threads,
+                "py_blocks": blocks,
                 "running": info.get("running"), "queued": info.get("queued"),
                 "idle_workers": pool.get("idle"),
             })  # fmt: skip
@@ -375,6 +381,7 @@ def run(total: int, callers: int = CALLERS, seed: int = SEED, every: int | None 
     after = [s for s in samples if s["calls"] >= max(1, warmup)]
     rss = slope([(s["calls"] / 1000, s["rss_bytes"] / 1024) for s in after])
     fds = slope([(s["calls"] / 1000, s["fds"]) for s in after])
+    blocks = slope([(s["calls"] / 1000, s["py_blocks"]) for s in after])
     answered_once = sum(1 for a in answers if a == 1)
     findings: dict[str, Any] = {
         "total": total, "callers": callers, "seed": seed, "every": every,
@@ -388,7 +395,11 @@ def run(total: int, callers: int = CALLERS, seed: int = SEED, every: int | None 
         "escaped_examples": escaped,
         "noops_equal_event": sum(right[i] for i in range(total) if kinds[i] == 0),
         "kinds": by_kind, "samples": samples, "warmup_calls": warmup,
-        "slopes": {"rss_kib_per_1k_calls": rss, "fds_per_1k_calls": fds},
+        "slopes": {"rss_kib_per_1k_calls": rss, "fds_per_1k_calls": fds,
+                   "py_blocks_per_1k_calls": blocks},
+        "tenths": tenths(samples, total),
+        "loadavg": {"start": [round(x, 2) for x in load_start],
+                    "end": [round(x, 2) for x in os.getloadavg()]},
         "thresholds": {"rss_kib_per_1k_calls": RSS_SLOPE_MAX_KIB,
                        "fds_per_1k_calls": FD_SLOPE_MAX},
         "judge_slopes": judge_slopes, "left_behind": left,
@@ -400,6 +411,25 @@ def run(total: int, callers: int = CALLERS, seed: int = SEED, every: int | None 
         for k, kind in enumerate(names)
     }
     return findings
+
+
+def tenths(samples: list[dict[str, Any]], total: int) -> list[dict[str, Any]]:
+    """Per tenth of the run (by calls completed): the floor (minimum) and median of RSS, fds
+    and Python's allocated blocks. Not judged: a reading aid. A leak raises the floor tenth
+    after tenth; what calls in flight hold only moves the median and the maximum."""
+    out = []
+    for k in range(10):
+        lo, hi = total * k // 10, total * (k + 1) // 10
+        window = [s for s in samples if lo < s["calls"] <= hi]
+        if not window:
+            continue
+        row: dict[str, Any] = {"calls": [lo, hi], "samples": len(window)}
+        for key in ("rss_bytes", "fds", "py_blocks"):
+            values = [s[key] for s in window if s.get(key) is not None]
+            if values:
+                row[key] = {"min": min(values), "median": statistics.median(values)}
+        out.append(row)
+    return out
 
 
 def checks(f: dict[str, Any]) -> list[dict[str, Any]]:

@@ -63,7 +63,13 @@ def test_sampled_by_progress(findings: dict[str, Any]) -> None:
     both slopes computed (not judged) over the samples after the warm-up."""
     calls = [s["calls"] for s in findings["samples"]]
     assert calls == list(range(0, TOTAL + 1, findings["every"]))
-    assert all(s["rss_bytes"] > 0 and s["fds"] > 0 for s in findings["samples"])
+    assert all(s["rss_bytes"] > 0 and s["fds"] > 0 and s["py_blocks"] > 0
+               for s in findings["samples"])  # fmt: skip
+    tenths = findings["tenths"]
+    assert [t["calls"] for t in tenths] == [[TOTAL * k // 10, TOTAL * (k + 1) // 10]
+                                            for k in range(10)]  # fmt: skip
+    assert sum(t["samples"] for t in tenths) == len(calls) - 1  # all but the one before call 0
+    assert all(t["rss_bytes"]["min"] <= t["rss_bytes"]["median"] for t in tenths)
     for key in ("rss_kib_per_1k_calls", "fds_per_1k_calls"):
         s = findings["slopes"][key]
         assert s["value"] is not None and s["n"] == sum(
@@ -87,4 +93,5 @@ def test_report(findings: dict[str, Any], tmp_path: Path) -> None:
     assert "## Verdict" in md and "### Outcomes per kind of call" in md
     assert "| every outcome as expected | 200 of 200 (0 mismatches) | all | pass |" in md
     assert "| forkbomb |" in md and "not judged" in md
+    assert "### Per tenth of the run" in md and "Load average" not in md  # no machine given
     assert paths[2].read_bytes()[:4] == b"\x89PNG"

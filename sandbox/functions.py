@@ -12,14 +12,18 @@ name makes a new version, identified also by a content digest (sha256)::
     ref         "module:function" importable       (the ref itself)          import
                 where the runtime runs
 
-The descriptor sent to the worker (:meth:`FunctionInfo.descriptor`) holds only strings: the
-worker does the loading, so nothing of the function runs in the supervisor.
+The descriptor sent to the worker (:meth:`FunctionInfo.descriptor`) carries the function's code
+itself: a worker never reads a bundle from disk (bundles are private to the supervisor, and a
+function sees no other function's code). ``source`` and ``file``: the code compiled here
+(marshal; the text only when it does not compile, for the worker to report the SyntaxError).
+``directory`` and ``zip``: the snapshot's files as one msgpack archive (built once per version),
+which the worker unpacks into its private ``/tmp`` and imports from. ``ref``: the name of a
+module importable in the worker's view. Nothing of the function runs in the supervisor.
 """
 
 from __future__ import annotations
 
 import compileall
-import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -97,9 +101,12 @@ class FunctionInfo:
         }
 
 
-@functools.lru_cache(maxsize=4096)
+@functools.lru_cache(maxsize=256)
 def _descriptor(info: FunctionInfo) -> dict[str, Any]:
     module, _, attr = info.handler.rpartition(":")
+    archive, entry = b"", ""
+    if info.kind in ("directory", "zip") and info.path:
+        archive, entry = bundle_archive(info.path, info.digest)
     return {
         "key": info.key,
         "name": info.name,
@@ -107,22 +114,62 @@ def _descriptor(info: FunctionInfo) -> dict[str, Any]:
         "kind": info.kind,
         "module": module,
         "attr": attr,
-        "path": info.path or "",
+        # For tracebacks only: the worker cannot see this path.
+        "path": os.path.basename(info.path) if info.path else "",
         # The worker compiles the source only when it did not compile here (to report the
         # SyntaxError): send one or the other, not both, on every call.
         "source": "" if info.code else info.source or "",
         "code": info.code or b"",
+        "archive": archive,
+        "entry": entry,
     }
 
 
-def _compile(text: str, name: str) -> bytes | None:
+#: Largest bundle sent to a worker (the snapshot's files, for each call of a fresh worker).
+MAX_BUNDLE_BYTES = 64 * 1024 * 1024
+
+
+@functools.lru_cache(maxsize=64)
+def bundle_archive(path: str, digest: str) -> tuple[bytes, str]:
+    """A directory or zip bundle as sent to a worker: a msgpack list of ``[relative path,
+    bytes]`` (directories first implied), and the entry to put on ``sys.path`` relative to
+    where the worker unpacks it. Built once per version (``digest``)."""
+    import msgpack
+
+    root = Path(path)
+    files: list[list[Any]] = []
+    total = 0
+    if root.is_dir():
+        for item in sorted(root.rglob("*")):
+            if item.is_file() and not item.is_symlink():
+                data = item.read_bytes()
+                total += len(data)
+                files.append([item.relative_to(root.parent).as_posix(), data])
+        entry = root.name
+    else:
+        data = root.read_bytes()
+        total = len(data)
+        files.append([root.name, data])
+        entry = root.name
+    if total > MAX_BUNDLE_BYTES:
+        raise ConfigurationError(f"bundle {root.name!r} is {total} bytes; at most "
+                                 f"{MAX_BUNDLE_BYTES} are sent to a worker")
+    return msgpack.packb(files, use_bin_type=True), entry
+
+
+def _compile(text: str, name: str, filename: str = "") -> bytes | None:
     """The marshalled code object of a source function, or None if it does not compile (the
     worker then compiles it and reports the SyntaxError as the function's error)."""
     try:
-        code = compile(text, f"<function {name}>", "exec", dont_inherit=True)
+        code = compile(text, _code_filename(name, filename), "exec", dont_inherit=True)
     except (SyntaxError, ValueError, RecursionError, MemoryError):
         return None
     return marshal.dumps(code)
+
+
+def _code_filename(name: str, filename: str = "") -> str:
+    """What tracebacks show for a function's code (shared with the worker's own compile)."""
+    return f"<function {name}: {filename}>" if filename else f"<function {name}>"
 
 
 def _check_handler(handler: str, *, dotted_module: bool) -> None:
@@ -147,7 +194,8 @@ def _digest_directory(root: Path) -> str:
 
 
 def _snapshot(source: Path, digest: str, bundle_dir: str | None, name: str) -> str:
-    """Copy a bundle to ``bundle_dir/<digest>/<name>`` (once), readable by every uid."""
+    """Copy a bundle to ``bundle_dir/<digest>/<name>`` (once), readable by the supervisor only.
+    """
     if bundle_dir is None:
         return str(source)
     if not re.fullmatch(r"[0-9a-f]{16,128}", digest):
@@ -163,19 +211,19 @@ def _snapshot(source: Path, digest: str, bundle_dir: str | None, name: str) -> s
                             ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         else:
             shutil.copyfile(source, staging / name)
-        # Byte-compile once here: workers cannot write __pycache__ (read-only, other uids), so
-        # without this every fresh worker would compile every module it imports.
+        # Byte-compile once here, unchecked-hash pycs (valid whatever the mtimes of the files
+        # a worker unpacks): without them every fresh worker would compile every module.
         if source.is_dir():
-            compileall.compile_dir(str(staging / name), quiet=2, workers=1)
-        elif name.endswith(".py"):
-            with contextlib.suppress(py_compile.PyCompileError, OSError):
-                py_compile.compile(str(staging / name), doraise=True)
+            compileall.compile_dir(
+                str(staging / name), quiet=2, workers=1,
+                invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH)
+        # Private to the supervisor: workers get the code over their channel, never the path.
         for root, dirs, files in os.walk(staging):
-            os.chmod(root, 0o755)
+            os.chmod(root, 0o700)
             for d in dirs:
-                os.chmod(os.path.join(root, d), 0o755)
+                os.chmod(os.path.join(root, d), 0o700)
             for f in files:
-                os.chmod(os.path.join(root, f), 0o644)
+                os.chmod(os.path.join(root, f), 0o600)
         try:
             os.rename(staging, home)
         except OSError:
@@ -265,9 +313,13 @@ def make_function(
         _check_handler(fn, dotted_module=False)
         data = p.read_bytes()
         digest = digest or hashlib.sha256(data).hexdigest()
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ConfigurationError(f"{p.name!r} is not UTF-8 text") from None
         return FunctionInfo(kind="file", handler=f"{p.stem}:{fn}",
                             path=_snapshot(p, digest, bundle_dir, p.name), digest=digest,
-                            **common)
+                            source=text, code=_compile(text, name, p.name), **common)
     if zipfile.is_zipfile(p):
         if handler is None:
             raise ConfigurationError(f"handler= ('module:function') is required for the "

@@ -90,6 +90,7 @@ from sandbox.errors import ConfigurationError, IsolationUnavailable
 
 __all__ = [
     "LAYERS",
+    "SYSTEM_VIEW",
     "IsolationConfig",
     "IsolationReport",
     "LayerStatus",
@@ -113,6 +114,7 @@ __all__ = [
     "seccomp_filter",
     "setup_filesystem",
     "template_fd",
+    "view_paths",
     "worker_ids",
 ]
 
@@ -394,10 +396,18 @@ class IsolationConfig:
     gid_base: int = 200_000       # root: worker gid = gid_base + slot
     id_count: int = 65_536        # slots are 0 .. id_count-1
     hostname: str = "sandbox"     # inside the UTS namespace
-    # Directories the worker uid must be able to read although an ancestor is closed to it
-    # (e.g. a pyenv under /root, mode 0700): that ancestor is covered by an empty tmpfs with
-    # only these bind-mounted inside, in the worker's mount namespace.
+    # What the worker sees of the host besides SYSTEM_VIEW: the interpreter (default), the
+    # import path and the operator's additions, read-only. Without the minimal view (not root),
+    # these are the directories the worker uid must be able to read although an ancestor is
+    # closed to it (e.g. a pyenv under /root, mode 0700).
     expose: tuple[str, ...] = field(default_factory=interpreter_paths)
+    # Root: the worker's / is a fresh tmpfs holding only SYSTEM_VIEW, ``expose``, a few
+    # devices, its /proc and its /tmp (a template built once per zygote, then copied). False:
+    # the host's whole filesystem, read-only.
+    minimal_view: bool = True
+    # Paths covered by an empty read-only tmpfs in the view, should they be under an exposed
+    # directory (the runtime's bundles and state).
+    hide: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.mode not in ("strict", "best-effort"):
@@ -887,7 +897,7 @@ _template: _Template | None = None
 
 
 def _template_key(config: IsolationConfig) -> tuple[Any, ...]:
-    return (config.expose, config.tmp_dir)
+    return (config.expose, config.tmp_dir, config.minimal_view, config.hide)
 
 
 def _template_for(config: IsolationConfig) -> _Template | None:
@@ -900,6 +910,87 @@ def _template_for(config: IsolationConfig) -> _Template | None:
 def template_fd() -> int:
     """The template's fd (a worker keeps it open until it has joined), or -1."""
     return _template.fd if _template is not None else -1
+
+
+#: Host paths a worker sees read-only (those that exist), besides the interpreter, the import
+#: path and what the operator exposes: what Python, its C extensions and the programs it may
+#: run need, plus SSL certificates, time zones and name-service configuration files. Nothing
+#: else of the host: no /home, /root, /srv, /opt, /var, /run, /mnt, no other file of /etc.
+SYSTEM_VIEW: tuple[str, ...] = (
+    "/usr/lib", "/usr/lib64", "/usr/lib32", "/usr/libx32", "/usr/local/lib", "/usr/bin",
+    "/usr/share/zoneinfo", "/usr/share/ca-certificates", "/etc/ssl/certs",
+    "/etc/ssl/openssl.cnf", "/etc/localtime", "/etc/timezone", "/etc/ld.so.cache",
+    "/etc/ld.so.conf", "/etc/ld.so.conf.d", "/etc/nsswitch.conf", "/etc/hosts",
+    "/etc/host.conf", "/etc/resolv.conf", "/etc/gai.conf", "/etc/protocols", "/etc/services",
+    "/etc/mime.types", "/sys/devices/system/cpu",
+)
+#: Top-level links of a merged-/usr system (``/lib -> usr/lib``), recreated as links.
+_TOP_LINKS = ("/bin", "/sbin", "/lib", "/lib64", "/lib32", "/libx32")
+#: Device nodes a worker sees (bound from the host's /dev).
+_DEVICES = ("null", "zero", "full", "random", "urandom")
+MNT_DETACH = 2
+
+
+def view_paths(config: IsolationConfig) -> list[str]:
+    """What a worker of ``config`` sees of the host, read-only, outermost paths only, sorted
+    (the minimal view; see :data:`SYSTEM_VIEW`). Its own /proc, /tmp and /dev come on top."""
+    wanted = {os.path.realpath(p) for p in (*SYSTEM_VIEW, *config.expose)
+              if p and os.path.exists(p)}
+    wanted.discard("/")
+    paths = sorted(wanted)
+    return [p for p in paths if not any(p.startswith(q + "/") for q in paths if q != p)]
+
+
+def _build_minimal_root(config: IsolationConfig) -> None:
+    """In a private mount namespace: make a fresh tmpfs the root, holding only the view
+    (:func:`view_paths`, bound read-only later by the seal), /dev with a few devices, and
+    empty /proc and /tmp for each worker's own. The old root is detached."""
+    links = {p: os.readlink(p) for p in _TOP_LINKS if os.path.islink(p)}
+    # Open every source first: the new root is mounted over tmp_dir, which may hold some.
+    sources = {p: os.open(p, os.O_PATH | os.O_CLOEXEC) for p in view_paths(config)}
+    devices = {d: os.open(f"/dev/{d}", os.O_PATH | os.O_CLOEXEC) for d in _DEVICES
+               if os.path.exists(f"/dev/{d}")}
+    new = os.path.realpath(config.tmp_dir)
+    try:
+        _mount("tmpfs", new, "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,nr_inodes=16384,mode=0755")
+        for path, target in links.items():
+            os.symlink(target, new + path)
+        for path, fd in sources.items():
+            dest = new + path
+            if os.path.isdir(f"/proc/self/fd/{fd}"):
+                os.makedirs(dest, mode=0o755, exist_ok=True)
+            else:
+                os.makedirs(os.path.dirname(dest), mode=0o755, exist_ok=True)
+                os.close(os.open(dest, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o444))
+            _mount(f"/proc/self/fd/{fd}", dest, None, MS_BIND | MS_REC)
+        dev = new + "/dev"
+        os.makedirs(dev, mode=0o755, exist_ok=True)
+        _mount("tmpfs", dev, "tmpfs", MS_NOSUID | MS_NOEXEC, "size=64k,nr_inodes=64,mode=0755")
+        for name, fd in devices.items():
+            os.close(os.open(f"{dev}/{name}", os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o666))
+            _mount(f"/proc/self/fd/{fd}", f"{dev}/{name}", None, MS_BIND)
+        for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
+                             ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")):
+            os.symlink(target, f"{dev}/{name}")
+        os.makedirs(f"{dev}/shm", mode=0o755)
+        _mount("tmpfs", f"{dev}/shm", "tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC,
+               "size=4k,nr_inodes=1,mode=0555")
+        os.makedirs(new + "/proc", mode=0o555, exist_ok=True)
+        os.makedirs(new + os.path.normpath(config.tmp_dir), mode=0o755, exist_ok=True)
+    finally:
+        for fd in (*sources.values(), *devices.values()):
+            os.close(fd)
+    os.chdir(new)
+    _syscall("pivot_root", b".", b".")  # the old root now sits on top of the new one
+    _syscall("umount2", b".", ctypes.c_int(MNT_DETACH))
+    os.chdir("/")
+
+
+def _hide(paths: Iterable[str]) -> None:
+    for path in paths:
+        if path and os.path.isdir(path):
+            _mount("tmpfs", path, "tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC,
+                   "size=4k,nr_inodes=1,mode=0555")
 
 
 def _build_template(config: IsolationConfig) -> _Template:
@@ -919,8 +1010,12 @@ def _build_template(config: IsolationConfig) -> _Template:
             try:
                 _unshare(CLONE_NEWNS)
                 _mount(None, "/", None, MS_REC | MS_PRIVATE)
-                _expose(config.expose)
-                _hide_dev_shm(config)
+                if config.minimal_view:
+                    _build_minimal_root(config)
+                else:
+                    _expose(config.expose)
+                    _hide_dev_shm(config)
+                _hide(config.hide)
                 _seal("/", recursive=True)
                 os.write(report_w, b"ok")
             except BaseException as exc:

@@ -148,6 +148,8 @@ class AsyncRuntime:
             off only serves to measure what it saves).
         recycle_rss_growth_bytes: a reused worker whose RSS grew by more than this since its
             birth is replaced rather than kept.
+        hide: directories no worker may see even if they are under an exposed one (the bundle
+            directory always is; a server adds its state directory).
 
     Use it as ``async with AsyncRuntime(...) as rt:`` or call :meth:`start` and
     :meth:`aclose`.
@@ -169,6 +171,7 @@ class AsyncRuntime:
         bundle_dir: str | os.PathLike[str] | None = None,
         gc_freeze: bool = True,
         recycle_rss_growth_bytes: int = 64 * 1024 * 1024,
+        hide: Sequence[str | os.PathLike[str]] = (),
     ) -> None:
         if not isinstance(limits, Limits):
             raise ConfigurationError("limits must be a sandbox.Limits")
@@ -207,6 +210,8 @@ class AsyncRuntime:
         self._netns_fd = -1
         self._bundle_dir_given = bundle_dir is not None
         self._bundle_dir = str(bundle_dir) if bundle_dir is not None else None
+        #: directories no worker may see (e.g. the server's state dir): hidden in the view
+        self._hidden = tuple(str(p) for p in hide)
         self._slots_alloc: Any = None
         self.gc_freeze = bool(gc_freeze)
         self.recycle_rss_growth_bytes = recycle_rss_growth_bytes
@@ -271,11 +276,15 @@ class AsyncRuntime:
         if self._bundle_dir is None:
             import tempfile
 
-            # Not under /tmp: a worker's /tmp is its own private tmpfs.
-            base = "/var/tmp" if os.path.isdir("/var/tmp") else None
-            self._bundle_dir = tempfile.mkdtemp(prefix="sandbox-bundles-", dir=base)
+            base = "/var/tmp" if os.path.isdir("/var/tmp") else tempfile.gettempdir()
+            swept = sweep_stale_bundle_dirs(base)
+            if swept:
+                log.info("removed %d bundle dir(s) left by a runtime that died", swept)
+            self._bundle_dir = tempfile.mkdtemp(prefix=f"{BUNDLE_DIR_PREFIX}{os.getpid()}-",
+                                                dir=base)
         os.makedirs(self._bundle_dir, exist_ok=True)
-        os.chmod(self._bundle_dir, 0o755)  # workers run as other uids and must read bundles
+        # The supervisor's alone: workers get a function's code over their channel.
+        os.chmod(self._bundle_dir, 0o700)
 
     def _setup_isolation(self) -> None:
         cfg = self._isolation_config
@@ -293,13 +302,18 @@ class AsyncRuntime:
                 "strict isolation needs memory and pids cgroups: "
                 f"{self._cgroup_report.get('reason') or 'unavailable'} (use isolation="
                 "'best-effort' to run without them)")
-        # Workers must be able to read the interpreter, our package, the bundles and the
-        # embedding program's import path, past any directory closed to other uids.
+        # Workers see the interpreter, our package and the embedding program's import path
+        # (so a ref= function and a profile's modules import), never the bundles: a
+        # function's code travels over its worker's channel, and the bundle directory is
+        # hidden should it be under an exposed one.
+        import sandbox as package
+
         expose = list(cfg.expose)
-        for path in [*sys.path, self._bundle_dir or ""]:
+        for path in [*sys.path, os.path.dirname(package.__file__ or "")]:
             if path and os.path.isdir(path) and path not in expose:
                 expose.append(path)
-        cfg = dc.replace(cfg, expose=tuple(expose))
+        hide = [*cfg.hide, *(p for p in (self._bundle_dir, *self._hidden) if p)]
+        cfg = dc.replace(cfg, expose=tuple(expose), hide=tuple(dict.fromkeys(hide)))
         if cfg.net_ns and not cfg.allow_network:
             try:
                 self._netns_fd = isolation.create_empty_netns()
@@ -359,6 +373,7 @@ class AsyncRuntime:
 
             iso = dc.asdict(cfg)
             iso["expose"] = list(cfg.expose)
+            iso["hide"] = list(cfg.hide)
         pool = Pool(name, self._profiles[name], instance=self.instance, min_idle=self.min_idle,
                     cgroups=self._cgroups, birth_config={}, slots=self._slots_alloc,
                     isolation=iso, netns_fd=self._netns_fd, gc_freeze=self.gc_freeze,
@@ -918,6 +933,38 @@ class AsyncRuntime:
             "landlock_abi": report.get("landlock_abi") if report is not None else None,
             "layers": layers,
         }
+
+
+BUNDLE_DIR_PREFIX = "sandbox-bundles-"
+
+
+def sweep_stale_bundle_dirs(base: str) -> int:
+    """Remove ``<base>/sandbox-bundles-<pid>-*`` directories whose runtime (``pid``) is dead;
+    returns how many. (A live process that reused the pid keeps them: harmless, swept later.)
+    """
+    import shutil
+
+    removed = 0
+    try:
+        entries = list(os.scandir(base))
+    except OSError:
+        return 0
+    for entry in entries:
+        rest = entry.name[len(BUNDLE_DIR_PREFIX):]
+        pid_text, sep, _ = rest.partition("-")
+        if not entry.name.startswith(BUNDLE_DIR_PREFIX) or not sep or not pid_text.isdigit() \
+                or not entry.is_dir(follow_symlinks=False):
+            continue
+        try:
+            os.kill(int(pid_text), 0)
+            continue  # alive
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue  # alive, someone else's
+        shutil.rmtree(entry.path, ignore_errors=True)
+        removed += not os.path.exists(entry.path)
+    return removed
 
 
 def _isolation_config(isolation: Any) -> Any:

@@ -25,7 +25,6 @@ import _signal  # type: ignore[import-not-found]  # CPython's C half of signal
 import contextlib
 import gc
 import importlib
-import importlib.util
 import json
 import marshal
 import os
@@ -242,29 +241,22 @@ def _load(fn: Mapping[str, Any]) -> Callable[..., Any]:
     if cached is not None:
         return cached
     kind, module_name, attr = fn["kind"], fn["module"], fn["attr"]
-    if kind == "source":
-        module = types.ModuleType("__sandbox_function__")
-        module.__file__ = f"<function {fn['name']}>"
-        sys.modules["__sandbox_function__"] = module
-        # Compiled once by the supervisor (our own marshal, supervisor to worker: trusted);
-        # compiled here only when that failed, to report the SyntaxError.
+    if kind in ("source", "file"):
+        # The code came over the channel, compiled once by the supervisor (our own marshal,
+        # supervisor to worker: trusted); compiled here only when that failed, to report the
+        # SyntaxError. A worker never reads a function's file.
+        name = "__sandbox_function__" if kind == "source" else module_name
+        module = types.ModuleType(name)
+        module.__file__ = (f"<function {fn['name']}: {fn['path']}>" if fn.get("path")
+                           else f"<function {fn['name']}>")
+        sys.modules[name] = module
         code = (marshal.loads(fn["code"]) if fn.get("code")
                 else compile(fn["source"], module.__file__, "exec"))
         exec(code, module.__dict__)
-    elif kind == "file":
-        path = fn["path"]
-        directory = os.path.dirname(path)
-        if directory not in sys.path:
-            sys.path.insert(0, directory)
-        spec = importlib.util.spec_from_file_location(module_name, path)
-        if spec is None or spec.loader is None:
-            raise ImportError(f"cannot load {path}")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[module_name] = module
-        spec.loader.exec_module(module)
     elif kind in ("directory", "zip"):
-        if fn["path"] not in sys.path:
-            sys.path.insert(0, fn["path"])
+        entry = _unpack(fn)
+        if entry not in sys.path:
+            sys.path.insert(0, entry)
         module = importlib.import_module(module_name)
     elif kind == "ref":
         module = importlib.import_module(module_name)
@@ -279,6 +271,22 @@ def _load(fn: Mapping[str, Any]) -> Callable[..., Any]:
         raise TypeError(f"{attr!r} is not callable")
     _loaded[key] = handler
     return handler  # type: ignore[no-any-return]
+
+
+def _unpack(fn: Mapping[str, Any]) -> str:
+    """Write a bundle's files (sent with the invocation) under this worker's private tmp
+    directory, once per version; the ``sys.path`` entry to import them from."""
+    base = os.path.join(os.environ.get("TMPDIR") or "/tmp", ".function", fn["key"][-16:])
+    entry = os.path.join(base, fn["entry"])
+    if not os.path.exists(entry):
+        for relative, data in msgpack.unpackb(fn["archive"], raw=False):
+            path = os.path.normpath(os.path.join(base, relative))
+            if not path.startswith(base + os.sep):
+                raise ImportError(f"bad path {relative!r} in the function's bundle")
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "wb") as f:
+                f.write(data)
+    return entry
 
 
 def _decode_event(data: bytes, content_type: str) -> Any:

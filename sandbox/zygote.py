@@ -136,6 +136,7 @@ def _detect_isolation(wanted: dict[str, Any] | None, netns_fd: int, sock: socket
     from sandbox.errors import IsolationUnavailable
 
     wanted["expose"] = tuple(wanted.get("expose", ()))
+    wanted["hide"] = tuple(wanted.get("hide", ()))
     config = isolation.IsolationConfig(**wanted)
     try:
         report = isolation.detect(config, netns_fd=netns_fd if netns_fd >= 0 else None)

@@ -15,6 +15,7 @@ leftover guard would flag its idle workers, so it is replaced by :meth:`Watch.as
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import shutil
 import socket
@@ -163,6 +164,11 @@ def returns(value: Any) -> Callable[[InvocationResult, Env], None]:
     def check(result: InvocationResult, env: Env) -> None:
         assert result.result == value
     return check
+
+
+#: Files a worker would write to leave its cgroup, as the host names them.
+HOST_CGROUP_PROCS = (sorted(glob.glob("/sys/fs/cgroup/*/cgroup.procs"))[:4]
+                     or ["/sys/fs/cgroup/cgroup.procs"])
 
 
 def errnos(allowed: dict[str, set[str]] | set[str]) -> Callable[[InvocationResult, Env], None]:
@@ -706,14 +712,15 @@ add(
         """), Outcome.OK, check=returns("spawned"),
          stopped_by="pid namespace / cgroup, not the environment mark"),
     Case("grandchild/tries-to-leave-cgroup", src("""
-        import glob
         def handler(e, c):
             out = {}
-            for path in sorted(glob.glob("/sys/fs/cgroup/*/cgroup.procs"))[:4]:
+            for path in e["paths"]:  # the host's cgroup.procs files, named from outside
                 out[path] = attempt(lambda p=path: open(p, "w").write("0"))
             return out
-        """), Outcome.OK, check=errnos({"EROFS", "EACCES", "EPERM"}),
-         stopped_by="read-only filesystem, unprivileged uid"),
+        """), Outcome.OK, check=errnos({"ENOENT", "EROFS", "EACCES", "EPERM"}),
+         event=lambda env: {"paths": HOST_CGROUP_PROCS},
+         stopped_by="not in the view (minimal root), else read-only filesystem, "
+                    "unprivileged uid"),
 )
 
 # ---------------------------------------------------------------------------------------------
@@ -1266,8 +1273,9 @@ def handler(e, c):
 
 def writes_denied(result: InvocationResult, env: Env) -> None:
     got = dict(result.result)
-    # A hard link across file systems is EXDEV before any permission check.
-    assert got.pop("hardlink-victim") in ("EXDEV", "EPERM", "EACCES", "EROFS")
+    # A hard link across file systems is EXDEV before any permission check; a victim outside
+    # the minimal view is not there at all (ENOENT).
+    assert got.pop("hardlink-victim") in ("EXDEV", "EPERM", "EACCES", "EROFS", "ENOENT")
     expect_errnos(got, {"EROFS", "EACCES", "EPERM", "ENOENT"})
     assert sorted(os.listdir(env.host_dir)) == ["private.sock", "public.sock", "victim"]
     with open(env.victim, "rb") as f:

@@ -133,7 +133,9 @@ BASELINES: dict[str, Baseline] = {
         "outlive `close()`. The supervisor's (this process's) RSS and open fds are sampled every "
         "100 completed calls, under load, by a thread the callers' progress wakes; the verdict "
         "is the least-squares slope after a warm-up of the first 10 % of the calls, below its "
-        "threshold (one-sided: a leak grows). The rows are the "
+        "threshold (one-sided: a leak grows). Its standard error assumes independent "
+        "samples; RSS moves in allocator steps of about 1 MiB, so one run's slope differs from "
+        "the next by more than that: the per-tenth floors say more. The rows are the "
         "calls as the callers timed them, per kind (ratio: p50 against the no-ops').",
     ),
     "calls": Baseline(
@@ -150,7 +152,10 @@ BASELINES: dict[str, Baseline] = {
         "birth), `dispatch`, `to_worker`, `load`, `run` (the function), `encode`, "
         "`to_supervisor`, `classify`; worker and supervisor share one monotonic clock. Beside "
         "them the results' own stats: `run_s`, `function_s` (the handler, timed in the worker) "
-        "and their difference. The rows are the calls as the harness timed them.",
+        "and their difference. The rows are the calls as the harness timed them. p50s do not "
+        "add up to the total's p50, least of all where a phase is bimodal: `acquire` under "
+        "sustained load is ~0 for a call that found an idle worker and a birth for one that "
+        "did not, so with 1 caller its p50 is small and its p90 carries the births.",
     ),
 }
 

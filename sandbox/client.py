@@ -270,6 +270,9 @@ def _info(msg: pb.GetInfoResponse) -> dict[str, Any]:
                               "birth_ms": p.birth_ms} for p in msg.pools},
         "isolation": {layer.name: {"available": layer.available, "enabled": layer.enabled,
                                    "reason": layer.reason} for layer in msg.isolation},
+        "view": {"minimal": msg.view.minimal, "read_only": msg.view.read_only,
+                 "paths": list(msg.view.paths), "devices": list(msg.view.devices),
+                 "hidden": list(msg.view.hidden), "private": list(msg.view.private)},
         "limits": (limits_from_proto(msg.default_limits) or Limits()).to_dict(),
         "max_limits": (limits_from_proto(msg.max_limits) or Limits()).to_dict()
         if msg.HasField("max_limits") else None,

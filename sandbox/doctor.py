@@ -32,6 +32,7 @@ def report() -> dict[str, Any]:
         "root": iso["root"],
         "landlock_abi": iso["landlock_abi"],
         "layers": layers,
+        "view": iso["view"],
         "strict_ready": not missing,
         "missing": missing,
     }
@@ -45,6 +46,15 @@ def _print_table(data: dict[str, Any]) -> None:
     for name, layer in data["layers"].items():
         print(f"  {name:<{width}}  {'yes' if layer['available'] else 'NO':<9}  "
               f"{'yes' if layer['enabled'] else 'no':<7}  {layer['reason']}")
+    view = data["view"]
+    if view["minimal"]:
+        print("what a function sees: its own root, read-only: " + ", ".join(view["paths"]))
+        print(f"  devices {', '.join(view['devices'])}; its own {', '.join(view['private'])};"
+              f" hidden {', '.join(view['hidden']) or 'nothing else'}")
+    else:
+        print("what a function sees: the host's whole filesystem"
+              + (", read-only" if view["read_only"] else "")
+              + (f"; its own {', '.join(view['private'])}" if view["private"] else ""))
     if data["strict_ready"]:
         print("strict mode: every layer is available")
     else:

@@ -115,6 +115,7 @@ __all__ = [
     "setup_filesystem",
     "template_fd",
     "view_paths",
+    "view_report",
     "worker_ids",
 ]
 
@@ -941,11 +942,21 @@ def view_paths(config: IsolationConfig) -> list[str]:
     return [p for p in paths if not any(p.startswith(q + "/") for q in paths if q != p)]
 
 
+def _view_links(config: IsolationConfig) -> dict[str, str]:
+    """Symbolic links among the view's paths (``/etc/localtime``, a venv's symlinked
+    prefix): recreated as links in the new root, their targets being in the view."""
+    links = {p: os.readlink(p) for p in _TOP_LINKS if os.path.islink(p)}
+    for path in (*SYSTEM_VIEW, *config.expose):
+        if path and os.path.islink(path) and os.path.exists(path):
+            links.setdefault(os.path.normpath(path), os.readlink(path))
+    return links
+
+
 def _build_minimal_root(config: IsolationConfig) -> None:
     """In a private mount namespace: make a fresh tmpfs the root, holding only the view
     (:func:`view_paths`, bound read-only later by the seal), /dev with a few devices, and
     empty /proc and /tmp for each worker's own. The old root is detached."""
-    links = {p: os.readlink(p) for p in _TOP_LINKS if os.path.islink(p)}
+    links = _view_links(config)
     # Open every source first: the new root is mounted over tmp_dir, which may hold some.
     sources = {p: os.open(p, os.O_PATH | os.O_CLOEXEC) for p in view_paths(config)}
     devices = {d: os.open(f"/dev/{d}", os.O_PATH | os.O_CLOEXEC) for d in _DEVICES
@@ -953,8 +964,10 @@ def _build_minimal_root(config: IsolationConfig) -> None:
     new = os.path.realpath(config.tmp_dir)
     try:
         _mount("tmpfs", new, "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,nr_inodes=16384,mode=0755")
-        for path, target in links.items():
-            os.symlink(target, new + path)
+        for path, target in sorted(links.items()):
+            os.makedirs(os.path.dirname(new + path), mode=0o755, exist_ok=True)
+            if not os.path.lexists(new + path):
+                os.symlink(target, new + path)
         for path, fd in sources.items():
             dest = new + path
             if os.path.isdir(f"/proc/self/fd/{fd}"):
@@ -984,6 +997,23 @@ def _build_minimal_root(config: IsolationConfig) -> None:
     _syscall("pivot_root", b".", b".")  # the old root now sits on top of the new one
     _syscall("umount2", b".", ctypes.c_int(MNT_DETACH))
     os.chdir("/")
+
+
+def view_report(config: IsolationConfig) -> dict[str, Any]:
+    """What a worker of this zygote sees of the filesystem (for ``doctor``, ``info()`` and
+    ``GetInfo``): ``minimal`` (its own root, see :data:`SYSTEM_VIEW`) with the ``paths``
+    visible read-only, the ``hidden`` ones, and its ``private`` writable ones; or the host's
+    whole filesystem (``paths`` ``["/"]``), read-only with the filesystem layer."""
+    minimal = config.minimal_view and _template_for(config) is not None
+    return {
+        "minimal": minimal,
+        "read_only": config.filesystem,
+        "paths": view_paths(config) if minimal else ["/"],
+        "devices": [f"/dev/{d}" for d in _DEVICES if os.path.exists(f"/dev/{d}")]
+        if minimal else [],
+        "hidden": list(config.hide) if config.filesystem else [],
+        "private": [os.path.normpath(config.tmp_dir), "/proc"] if config.filesystem else [],
+    }
 
 
 def _hide(paths: Iterable[str]) -> None:

@@ -926,8 +926,11 @@ class AsyncRuntime:
                 "available": available, "enabled": available and bool(cg.get("enabled")),
                 "reason": cg.get("reason", "") if not available else
                 f"cgroup v{cg.get('version')}"}
+        view = report.get("view") if report is not None else None
         return {
             "mode": report["mode"] if report is not None else "off",
+            "view": view or {"minimal": False, "read_only": False, "paths": ["/"],
+                             "devices": [], "hidden": [], "private": []},
             "root": os.geteuid() == 0,
             "kernel": os.uname().release,
             "landlock_abi": report.get("landlock_abi") if report is not None else None,

@@ -386,6 +386,7 @@ class SandboxServicer(pb_grpc.SandboxServicer):
                            for name, layer in sorted(
                                info.get("isolation", {}).get("layers", {}).items())],
                 isolation_mode=str(info.get("isolation", {}).get("mode", "")),
+                view=pb.FilesystemView(**info.get("isolation", {}).get("view", {})),
                 invoke_many_window=self.invoke_many_window,
                 max_message_bytes=self.max_message_bytes,
                 running=int(info.get("running", 0)), queued=int(info.get("queued", 0)),

@@ -145,7 +145,9 @@ def _detect_isolation(wanted: dict[str, Any] | None, netns_fd: int, sock: socket
                      "traceback": ""})
         os._exit(0)
     isolation.prepare(report.effective)
-    return report.effective, report.to_dict()
+    data = report.to_dict()
+    data["view"] = isolation.view_report(report.effective)
+    return report.effective, data
 
 
 def serve(modules_arg: str, parent_pid: int, control_fd: int, options_json: str = "{}",

@@ -341,7 +341,7 @@ class IsolationLayer(_message.Message):
     def __init__(self, name: _Optional[str] = ..., available: _Optional[bool] = ..., enabled: _Optional[bool] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class GetInfoResponse(_message.Message):
-    __slots__ = ("version", "profiles", "pools", "isolation", "default_limits", "max_limits", "invoke_many_window", "max_message_bytes", "running", "max_concurrency", "queued", "max_queue", "isolation_mode")
+    __slots__ = ("version", "profiles", "pools", "isolation", "default_limits", "max_limits", "invoke_many_window", "max_message_bytes", "running", "max_concurrency", "queued", "max_queue", "isolation_mode", "view")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     PROFILES_FIELD_NUMBER: _ClassVar[int]
     POOLS_FIELD_NUMBER: _ClassVar[int]
@@ -355,6 +355,7 @@ class GetInfoResponse(_message.Message):
     QUEUED_FIELD_NUMBER: _ClassVar[int]
     MAX_QUEUE_FIELD_NUMBER: _ClassVar[int]
     ISOLATION_MODE_FIELD_NUMBER: _ClassVar[int]
+    VIEW_FIELD_NUMBER: _ClassVar[int]
     version: str
     profiles: _containers.RepeatedCompositeFieldContainer[Profile]
     pools: _containers.RepeatedCompositeFieldContainer[Pool]
@@ -368,4 +369,21 @@ class GetInfoResponse(_message.Message):
     queued: int
     max_queue: int
     isolation_mode: str
-    def __init__(self, version: _Optional[str] = ..., profiles: _Optional[_Iterable[_Union[Profile, _Mapping]]] = ..., pools: _Optional[_Iterable[_Union[Pool, _Mapping]]] = ..., isolation: _Optional[_Iterable[_Union[IsolationLayer, _Mapping]]] = ..., default_limits: _Optional[_Union[Limits, _Mapping]] = ..., max_limits: _Optional[_Union[Limits, _Mapping]] = ..., invoke_many_window: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., running: _Optional[int] = ..., max_concurrency: _Optional[int] = ..., queued: _Optional[int] = ..., max_queue: _Optional[int] = ..., isolation_mode: _Optional[str] = ...) -> None: ...
+    view: FilesystemView
+    def __init__(self, version: _Optional[str] = ..., profiles: _Optional[_Iterable[_Union[Profile, _Mapping]]] = ..., pools: _Optional[_Iterable[_Union[Pool, _Mapping]]] = ..., isolation: _Optional[_Iterable[_Union[IsolationLayer, _Mapping]]] = ..., default_limits: _Optional[_Union[Limits, _Mapping]] = ..., max_limits: _Optional[_Union[Limits, _Mapping]] = ..., invoke_many_window: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., running: _Optional[int] = ..., max_concurrency: _Optional[int] = ..., queued: _Optional[int] = ..., max_queue: _Optional[int] = ..., isolation_mode: _Optional[str] = ..., view: _Optional[_Union[FilesystemView, _Mapping]] = ...) -> None: ...
+
+class FilesystemView(_message.Message):
+    __slots__ = ("minimal", "read_only", "paths", "devices", "hidden", "private")
+    MINIMAL_FIELD_NUMBER: _ClassVar[int]
+    READ_ONLY_FIELD_NUMBER: _ClassVar[int]
+    PATHS_FIELD_NUMBER: _ClassVar[int]
+    DEVICES_FIELD_NUMBER: _ClassVar[int]
+    HIDDEN_FIELD_NUMBER: _ClassVar[int]
+    PRIVATE_FIELD_NUMBER: _ClassVar[int]
+    minimal: bool
+    read_only: bool
+    paths: _containers.RepeatedScalarFieldContainer[str]
+    devices: _containers.RepeatedScalarFieldContainer[str]
+    hidden: _containers.RepeatedScalarFieldContainer[str]
+    private: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, minimal: _Optional[bool] = ..., read_only: _Optional[bool] = ..., paths: _Optional[_Iterable[str]] = ..., devices: _Optional[_Iterable[str]] = ..., hidden: _Optional[_Iterable[str]] = ..., private: _Optional[_Iterable[str]] = ...) -> None: ...

@@ -682,7 +682,8 @@ async def serve(
                                           "min_idle": min_idle, "max_idle": max_idle,
                                           "idle_ttl_s": idle_ttl_s,
                                           "max_concurrency": max_concurrency,
-                                          "max_queue": max_queue, "isolation": isolation}
+                                          "max_queue": max_queue, "isolation": isolation,
+                                          "hide": [str(store.root)]}
         if limits is not None:
             runtime_kwargs["limits"] = limits
         runtime = AsyncRuntime(**runtime_kwargs)

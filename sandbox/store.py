@@ -220,6 +220,9 @@ class FunctionStore:
         self._lock = threading.Lock()
         self._entries: dict[str, _Entry] = {}
         self.bundles.mkdir(parents=True, exist_ok=True)
+        # The server's alone: workers get a function's code over their channel, and the
+        # runtime hides this directory from their view.
+        os.chmod(self.root, 0o700)
         self._lock_fd: int | None = os.open(self.root / "lock", os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -174,8 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     _add_run(sub)
     bench = sub.add_parser(
-        "bench", help="run the benchmarks (sustained, births, coldstart, latency, throughput, "
-        "timeouts, memory, paper; `sandbox bench --help` lists them)", add_help=False,
+        "bench", help="run the benchmarks (sustained, births, calls, coldstart, latency, "
+        "throughput, timeouts, memory, paper, soak; `sandbox bench --help` lists them)",
+        add_help=False,
         description="Same as `python -m benchmarks`; `sandbox bench --help` for its options.")
     bench.add_argument("args", nargs=argparse.REMAINDER)
     bench.set_defaults(func=_bench)

@@ -6,6 +6,7 @@ pool must be back to its warm size and the next call must be OK.
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import os
 import textwrap
@@ -762,3 +763,28 @@ def test_limits_the_cgroup_refuses_end_the_call_not_the_runtime(
         assert result.error.type == error_type and "did not run" in result.error.message
         assert "ran" not in result.stdout
         assert runtime.invoke("mark").result == 1  # the runtime goes on
+
+
+def test_an_exit_read_with_its_spawn_is_not_lost() -> None:
+    """The zygote's "spawned" and "exited" reports of a worker that died at once can be read
+    in one pass, before the worker's handle exists: the status is kept for the handle (it
+    used to be dropped, leaving a 2 s wait and no reason). Fed to the handle's dispatcher in
+    that order, as the control socket delivers them."""
+    from sandbox.handles import ZygoteHandle
+
+    async def main() -> list[tuple[int | None, float, int]]:
+        zyg = ZygoteHandle("p", (), "instance", lambda _: None)
+        zyg.alive = True
+        spawned = asyncio.get_running_loop().create_future()
+        zyg._pending[7] = spawned
+        pidfd = os.pidfd_open(os.getpid())
+        zyg._dispatch({"t": "spawned", "token": 7, "pid": 4242}, [pidfd])
+        zyg._dispatch({"t": "exited", "pid": 4242, "status": 3 << 8, "cpu": 0.5,
+                       "maxrss": 1024}, [])
+        assert spawned.result() == (4242, pidfd)
+        os.close(pidfd)
+        got: list[tuple[int | None, float, int]] = []
+        zyg.watch_exit(4242, lambda *status: got.append(status))
+        return got
+
+    assert asyncio.run(main()) == [(3 << 8, 0.5, 1024)]

@@ -181,7 +181,8 @@ class Execution:
     async def run(self) -> None:
         """Send the invocation and wait until its outcome is decided (not built)."""
         worker = self.worker
-        worker.execution = self
+        reused = worker.served > 0
+        worker.pool.bind(worker, self)
         worker.stdout.reset(self.limits.max_log_bytes)
         worker.stderr.reset(self.limits.max_log_bytes)
         cap = self.limits.max_result_bytes
@@ -196,18 +197,12 @@ class Execution:
                 self._kill()
                 await self.settle()
                 return
-        if worker.idle_priority:
-            # Warm workers wait at SCHED_IDLE; the invocation runs at normal priority.
-            worker.idle_priority = False
-            with contextlib.suppress(OSError):
-                os.sched_setscheduler(worker.pid, os.SCHED_OTHER, os.sched_param(0))
-        if worker.served > 0:
+        if reused:
             # A reused worker: measure this invocation only.
             if worker.cgroup is not None:
                 self.oom_before = worker.cgroup.oom_kills()
                 worker.cgroup.reset_peak()
             self.cpu_before = self._cpu_used() or 0.0
-        worker.served += 1
         message = {
             "t": "invoke", "id": self.id, "fn": self.fn.descriptor(), "event": self.event,
             "ct": self.content_type, "limits": wire_dict(self.limits), "timeout": self.timeout_s,

@@ -51,6 +51,7 @@ from sandbox.limits import Limits, format_size
 
 if TYPE_CHECKING:
     from sandbox.cgroups import CgroupManager, WorkerCgroup
+    from sandbox.execution import Execution
     from sandbox.functions import FunctionInfo
 
 __all__ = ["Pool", "SlotAllocator"]
@@ -393,8 +394,20 @@ class Pool:
         self.busy.add(worker)
         return worker, cold, True
 
-    def release(self, worker: WorkerHandle, keep_for: FunctionInfo | None = None) -> None:
-        """Give a worker back after an invocation: keep it for reuse, or let it go."""
+    def bind(self, worker: WorkerHandle, execution: Execution) -> None:
+        """``worker`` (acquired) runs ``execution`` now: counted, at normal priority."""
+        worker.execution = execution
+        worker.served += 1
+        if worker.idle_priority:
+            # Warm workers wait at SCHED_IDLE; the invocation runs at normal priority.
+            worker.idle_priority = False
+            with contextlib.suppress(OSError):
+                os.sched_setscheduler(worker.pid, os.SCHED_OTHER, os.sched_param(0))
+
+    def release(self, worker: WorkerHandle, keep_for: FunctionInfo | None = None,
+                limits: Limits | None = None) -> None:
+        """Give a worker back after an invocation: keep it for reuse by ``keep_for`` (with
+        these ``limits`` in force), or let it go."""
         self.busy.discard(worker)
         worker.execution = None
         if keep_for is not None and worker.alive and not self.closed and not worker.closed:
@@ -405,6 +418,7 @@ class Pool:
                         with contextlib.suppress(ProcessLookupError, PermissionError):
                             os.kill(pid, signal.SIGKILL)
             worker.function_key = keep_for.key
+            worker.limits = limits
             self.reusable.setdefault(keep_for.key, collections.deque()).append(worker)
         else:
             self.discard(worker)

@@ -1,11 +1,22 @@
 """The supervisor, embedded: :class:`AsyncRuntime` (asyncio) and :class:`Runtime` (sync).
 
-A runtime owns the preload profiles (one zygote and one warm pool each), the registered
-functions, admission control (a bounded queue in front of ``max_concurrency`` running
-invocations) and the one place limits are resolved (:func:`sandbox.limits.resolve`)::
+A runtime puts together one owner per concern and dispatches calls through them::
 
-    invoke(name, event) ─▶ resolve function + limits ─▶ admission (queue ≤ max_queue)
-        ─▶ concurrency slot ─▶ Pool(profile).acquire ─▶ Execution.run ─▶ InvocationResult
+    invoke(name, event) ─▶ Registry.function + limits.resolve ─▶ Admission.admit (ticket)
+        ─▶ Admission slot ─▶ Pool(profile).acquire ─▶ Execution.run ─▶ build_result
+        ─▶ result to the caller ─▶ (then) Pool.release, Pool.refill
+
+- :class:`~sandbox.host.Host`: the machine-level setup (bundle dir, cgroups, the isolation
+  configuration, the shared network namespace);
+- :class:`~sandbox.registry.Registry`: the functions and their versions;
+- :class:`~sandbox.admission.Admission`: the bounded queue in front of ``max_concurrency``
+  running calls, and each call's cancellable :class:`~sandbox.admission.Ticket`;
+- :class:`~sandbox.pool.Pool` (one per preload profile): zygote, warm workers, births;
+  the only one that changes a worker's state;
+- :class:`~sandbox.execution.Execution`: one call on one worker, to exactly one outcome.
+
+This module is the dispatcher (``_execute``, ``_run``), the limits' one resolution point
+(:func:`sandbox.limits.resolve`), the introspection (``info()``), and the public faces.
 
 :class:`Runtime` runs an :class:`AsyncRuntime` on an event loop in a thread of its own, so a
 plain program gets the same behaviour through blocking calls. Zygotes are started by a fresh
@@ -23,7 +34,6 @@ import dataclasses
 import itertools
 import json
 import os
-import sys
 import threading
 import time
 import uuid
@@ -35,20 +45,21 @@ import msgpack
 
 from sandbox import __version__, protocol
 from sandbox._logging import get_logger
+from sandbox.admission import Admission, Ticket
 from sandbox.errors import (
     ConfigurationError,
-    FunctionNotFound,
     InvalidRequest,
-    Overloaded,
     ProtocolError,
     ShuttingDown,
 )
 from sandbox.execution import Execution, build_result
-from sandbox.functions import FunctionInfo, make_function
+from sandbox.functions import FunctionInfo
 from sandbox.handles import STREAM_BUFFER_CHUNKS
+from sandbox.host import Host
 from sandbox.limits import DEFAULT_LIMITS, Limits, resolve
 from sandbox.outcome import ErrorInfo, InvocationResult, Outcome, Stats
 from sandbox.pool import Pool, default_max_idle, summarize_ms
+from sandbox.registry import Registry
 
 __all__ = ["AsyncInvocation", "AsyncRuntime", "Invocation", "InvocationStream", "Runtime",
            "StreamIterator"]
@@ -76,35 +87,6 @@ def _check_modules(name: str, modules: Sequence[str]) -> tuple[str, ...]:
     return tuple(out)
 
 
-class _Ticket:
-    """One invocation's handle inside the runtime: lets a caller cancel it at any stage."""
-
-    __slots__ = ("admitted", "cancelled", "entered", "execution", "finished", "started", "task")
-
-    def __init__(self) -> None:
-        self.cancelled = False
-        self.execution: Execution | None = None
-        #: the task running the call: its own (submit, stream) or the caller's (invoke)
-        self.task: asyncio.Task[Any] | None = None
-        #: counted by admission until the call is over (``finished``)
-        self.admitted = False
-        self.finished: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        #: its task has begun to run (a task cancelled before that never enters its body,
-        #: so it could not answer CANCELLED: it finds ``cancelled`` set instead)
-        self.entered = False
-        #: set once the invocation is on a worker (or will never be)
-        self.started = asyncio.Event()
-
-    def cancel(self) -> None:
-        if self.cancelled:
-            return
-        self.cancelled = True
-        if self.execution is not None:
-            self.execution.cancel()
-        elif self.task is not None and self.entered and not self.finished.done():
-            self.task.cancel()  # still queued or starting: _execute answers CANCELLED
-
-
 @dataclasses.dataclass(slots=True)
 class _Call:
     """An admitted invocation, before it runs."""
@@ -115,7 +97,7 @@ class _Call:
     limits: Limits
     deadline: float | None
     id: str
-    ticket: _Ticket
+    ticket: Ticket
 
 
 class AsyncRuntime:
@@ -204,14 +186,10 @@ class AsyncRuntime:
         self.idle_ttl_s = float(idle_ttl_s)
         self.max_concurrency = max_concurrency
         self.max_queue = max_queue
-        self._cgroups_wanted = cgroups
-        self._isolation_config = _isolation_config(isolation)
+        #: the machine-level setup: bundle dir, cgroups, isolation configuration
+        self._host = Host(isolation=isolation, cgroups=cgroups, bundle_dir=bundle_dir,
+                          hide=hide)
         self._isolation_report: dict[str, Any] | None = None
-        self._netns_fd = -1
-        self._bundle_dir_given = bundle_dir is not None
-        self._bundle_dir = str(bundle_dir) if bundle_dir is not None else None
-        #: directories no worker may see (e.g. the server's state dir): hidden in the view
-        self._hidden = tuple(str(p) for p in hide)
         self._slots_alloc: Any = None
         self.gc_freeze = bool(gc_freeze)
         self.recycle_rss_growth_bytes = recycle_rss_growth_bytes
@@ -223,19 +201,13 @@ class AsyncRuntime:
         # would cost a getrandom system call), and across runtimes by a random base.
         self._id_base = uuid.uuid4().hex[:20]
         self._id_counter = itertools.count(1)
-        self._functions: dict[str, dict[int, FunctionInfo]] = {}
+        self._registry = Registry(lambda profile: profile in self._profiles,
+                                  lambda: list(self._profiles), lambda: self._host.bundle_dir)
         #: where recent OK calls spent their time, phase by phase (see call_stats)
         self._call_records: collections.deque[tuple[float, ...]] = collections.deque(
             maxlen=1024)
         self._pools: dict[str, Pool] = {}
-        self._cgroups: Any = None
-        self._cgroup_report: dict[str, Any] = {"available": False, "reason": "not started"}
-        self._slots: asyncio.Semaphore | None = None
-        #: admitted calls not over yet (queued, starting or running): at most
-        #: max_concurrency + max_queue, however fast they come (see _admit)
-        self._admitted = 0
-        self._running = 0
-        self._inflight: set[_Ticket] = set()
+        self._admission = Admission(max_concurrency, max_queue)
         self._started = False
         self._closing = False
         self._closed = False
@@ -252,14 +224,11 @@ class AsyncRuntime:
         if self._started:
             return
         self._started = True
-        self._slots = asyncio.Semaphore(self.max_concurrency)
         try:
-            self._setup_bundle_dir()
-            self._setup_cgroups()
-            self._setup_isolation()
+            self._host.setup()
             from sandbox.pool import SlotAllocator
 
-            cfg = self._isolation_config
+            cfg = self._host.isolation
             self._slots_alloc = SlotAllocator(cfg.id_count if cfg is not None else 65536)
             await asyncio.gather(*(self._start_pool(name) for name in self._profiles))
         except BaseException:
@@ -272,60 +241,6 @@ class AsyncRuntime:
         log.info("runtime %s started: profiles %s, isolation %s", self.instance,
                  list(self._profiles), self.isolation_summary())
 
-    def _setup_bundle_dir(self) -> None:
-        if self._bundle_dir is None:
-            import tempfile
-
-            base = "/var/tmp" if os.path.isdir("/var/tmp") else tempfile.gettempdir()
-            swept = sweep_stale_bundle_dirs(base)
-            if swept:
-                log.info("removed %d bundle dir(s) left by a runtime that died", swept)
-            self._bundle_dir = tempfile.mkdtemp(prefix=f"{BUNDLE_DIR_PREFIX}{os.getpid()}-",
-                                                dir=base)
-        os.makedirs(self._bundle_dir, exist_ok=True)
-        # The supervisor's alone: workers get a function's code over their channel.
-        os.chmod(self._bundle_dir, 0o700)
-
-    def _setup_isolation(self) -> None:
-        cfg = self._isolation_config
-        if cfg is None:
-            return
-        import dataclasses as dc
-
-        from sandbox import isolation
-
-        strict = cfg.mode == "strict"
-        if strict and self._cgroups is None and self._cgroups_wanted is not False:
-            from sandbox.errors import IsolationUnavailable
-
-            raise IsolationUnavailable(
-                "strict isolation needs memory and pids cgroups: "
-                f"{self._cgroup_report.get('reason') or 'unavailable'} (use isolation="
-                "'best-effort' to run without them)")
-        # Workers see the interpreter, our package and the embedding program's import path
-        # (so a ref= function and a profile's modules import), never the bundles: a
-        # function's code travels over its worker's channel, and the bundle directory is
-        # hidden should it be under an exposed one.
-        import sandbox as package
-
-        expose = list(cfg.expose)
-        for path in [*sys.path, os.path.dirname(package.__file__ or "")]:
-            if path and os.path.isdir(path) and path not in expose:
-                expose.append(path)
-        hide = [*cfg.hide, *(p for p in (self._bundle_dir, *self._hidden) if p)]
-        cfg = dc.replace(cfg, expose=tuple(expose), hide=tuple(dict.fromkeys(hide)))
-        if cfg.net_ns and not cfg.allow_network:
-            try:
-                self._netns_fd = isolation.create_empty_netns()
-            except OSError as exc:
-                if strict:
-                    from sandbox.errors import IsolationUnavailable
-
-                    raise IsolationUnavailable(f"net_ns: cannot create the shared empty "
-                                               f"network namespace: {exc}") from None
-                log.warning("no shared network namespace (%s): each worker gets its own", exc)
-        self._isolation_config = cfg
-
     def isolation_summary(self) -> str:
         report = self._isolation_report
         if report is None:
@@ -335,48 +250,12 @@ class AsyncRuntime:
                if not layer["enabled"] and name != "user_ns"]
         return f"{report['mode']}: on {on}" + (f", off {off}" if off else "")
 
-    def _setup_cgroups(self) -> None:
-        if self._cgroups_wanted is False:
-            self._cgroup_report = {"available": False, "enabled": False,
-                                   "reason": "disabled by configuration"}
-            return
-        from sandbox.errors import IsolationUnavailable
-
-        try:
-            from sandbox import cgroups as cg
-        except ImportError as exc:  # pragma: no cover - transitional
-            self._cgroup_report = {"available": False, "enabled": False, "reason": str(exc)}
-            return
-
-        manager = cg.CgroupManager(prefix="sandbox")
-        report = manager.report.to_dict()
-        if not manager.available:
-            if self._cgroups_wanted:
-                raise IsolationUnavailable(f"cgroups were required but are not usable: "
-                                           f"{manager.report.reason}")
-            log.warning("cgroups unavailable (%s): memory is limited by rlimit only and "
-                        "double-forked grandchildren may escape the tree kill",
-                        manager.report.reason)
-            self._cgroup_report = {**report, "available": False, "enabled": False}
-            return
-        swept = manager.sweep_stale()
-        if swept:
-            log.info("removed %d cgroup(s) left by a supervisor that died", swept)
-        self._cgroups = manager
-        self._cgroup_report = {**report, "available": True, "enabled": True}
-
     async def _start_pool(self, name: str) -> None:
-        cfg = self._isolation_config
-        iso = None
-        if cfg is not None:
-            import dataclasses as dc
-
-            iso = dc.asdict(cfg)
-            iso["expose"] = list(cfg.expose)
-            iso["hide"] = list(cfg.hide)
+        host = self._host
         pool = Pool(name, self._profiles[name], instance=self.instance, min_idle=self.min_idle,
-                    cgroups=self._cgroups, birth_config={}, slots=self._slots_alloc,
-                    isolation=iso, netns_fd=self._netns_fd, gc_freeze=self.gc_freeze,
+                    cgroups=host.cgroups, birth_config={}, slots=self._slots_alloc,
+                    isolation=host.pool_isolation(), netns_fd=host.netns_fd,
+                    gc_freeze=self.gc_freeze,
                     default_limits=resolve(None, None, self.limits, self.max_limits),
                     max_idle=self.max_idle, idle_ttl_s=self.idle_ttl_s)
         self._pools[name] = pool
@@ -413,27 +292,19 @@ class AsyncRuntime:
         if self._closed:
             return
         self._closing = True
-        finished = [t.finished for t in self._inflight]
+        finished = [t.finished for t in self._admission.inflight]
         if finished and grace_s > 0:
             await asyncio.wait(finished, timeout=grace_s)
         # Whatever is still queued, starting or running ends CANCELLED (an invoke() awaiting
         # in its caller's task included).
-        for ticket in list(self._inflight):
+        for ticket in list(self._admission.inflight):
             ticket.cancel()
-        finished = [t.finished for t in self._inflight]
+        finished = [t.finished for t in self._admission.inflight]
         if finished:
             await asyncio.wait(finished, timeout=30)
         await asyncio.gather(*(pool.close() for pool in self._pools.values()),
                              return_exceptions=True)
-        if self._cgroups is not None:
-            self._cgroups.close()
-        if self._netns_fd >= 0:
-            os.close(self._netns_fd)
-            self._netns_fd = -1
-        if self._bundle_dir is not None and not self._bundle_dir_given:
-            import shutil
-
-            shutil.rmtree(self._bundle_dir, ignore_errors=True)
+        self._host.close()
         self._closed = True
 
     async def __aenter__(self) -> AsyncRuntime:
@@ -479,43 +350,20 @@ class AsyncRuntime:
         Raises:
             ConfigurationError: bad name, handler, path, profile or limits.
         """
-        if profile not in self._profiles:
-            raise ConfigurationError(f"unknown profile {profile!r}; profiles: "
-                                     f"{sorted(self._profiles)}")
-        versions = self._functions.setdefault(name, {})
-        if version is None:
-            version = max(versions, default=0) + 1
-        elif version in versions:
-            raise ConfigurationError(f"function {name!r} already has version {version}")
-        try:
-            info = make_function(name, version, source=source, path=path, ref=ref,
-                                 handler=handler, profile=profile, limits=limits, reuse=reuse,
-                                 digest=digest, bundle_dir=self._bundle_dir)
-        except BaseException:
-            if not versions:
-                del self._functions[name]
-            raise
-        versions[version] = info
-        return info
+        return self._registry.register(name, source=source, path=path, ref=ref,
+                                       handler=handler, profile=profile, limits=limits,
+                                       reuse=reuse, version=version, digest=digest)
 
     def unregister(self, name: str, version: int | None = None) -> None:
-        """Forget a function (every version, or one).
+        """Forget a function (every version, or one); workers kept for it are let go.
 
         Raises:
             FunctionNotFound: no such function or version.
         """
-        info = self.function(name, version)
-        gone = list(self._functions[name].values()) if version is None else [info]
-        for fn in gone:
+        for fn in self._registry.unregister(name, version):
             pool = self._pools.get(fn.profile)
             if pool is not None:
                 pool.forget(fn.key)
-        if version is None:
-            del self._functions[name]
-        else:
-            del self._functions[name][info.version]
-            if not self._functions[name]:
-                del self._functions[name]
 
     def function(self, name: str, version: int | None = None) -> FunctionInfo:
         """The latest (or the given) version of a function.
@@ -523,21 +371,11 @@ class AsyncRuntime:
         Raises:
             FunctionNotFound: no such function or version.
         """
-        versions = self._functions.get(name)
-        if not versions:
-            raise FunctionNotFound(f"no function named {name!r}")
-        if version is None:
-            return versions[max(versions)]
-        try:
-            return versions[version]
-        except KeyError:
-            raise FunctionNotFound(f"function {name!r} has no version {version}; versions: "
-                                   f"{sorted(versions)}") from None
+        return self._registry.function(name, version)
 
     def functions(self) -> list[FunctionInfo]:
         """Every registered version of every function, by name then version."""
-        return [info for name in sorted(self._functions)
-                for _, info in sorted(self._functions[name].items())]
+        return self._registry.functions()
 
     @property
     def profiles(self) -> dict[str, list[str]]:
@@ -584,44 +422,15 @@ class AsyncRuntime:
                invocation_id: str | None) -> _Call:
         """Validate a call and admit it (or raise); nothing runs yet."""
         fn, data, effective = self._prepare(name, event, version, limits, payload, content_type)
-        self._admit()
-        ticket = _Ticket()
-        ticket.admitted = True
-        self._admitted += 1
-        self._inflight.add(ticket)
+        ticket = self._admission.admit()
         return _Call(fn, data, content_type, effective, deadline,
                      invocation_id or f"{self._id_base}{next(self._id_counter):012x}", ticket)
-
-    @property
-    def _queued(self) -> int:
-        """Admitted calls not running yet."""
-        return self._admitted - self._running
-
-    def _admit(self) -> None:
-        """Refuse a call when ``max_concurrency`` run and ``max_queue`` wait already. Counted
-        here, at admission, not when a call's task first runs: calls submitted within one
-        loop turn are bounded too, and so are the tasks and memory they hold."""
-        if self._admitted >= self.max_concurrency + self.max_queue:
-            raise Overloaded(f"{self._queued} invocations are queued (max_queue="
-                             f"{self.max_queue}); try again later")
-
-    def _over(self, call: _Call) -> None:
-        """The call is over (answered, or its task ended before it ran): admission forgets it.
-        Idempotent."""
-        ticket = call.ticket
-        if ticket.admitted:
-            ticket.admitted = False
-            self._admitted -= 1
-            self._inflight.discard(ticket)
-            ticket.started.set()
-            if not ticket.finished.done():
-                ticket.finished.set_result(None)
 
     def _spawn_task(self, call: _Call, chunk_sink: Any = None) -> asyncio.Task[InvocationResult]:
         task = asyncio.ensure_future(self._execute(call, chunk_sink))
         call.ticket.task = task
         # A task cancelled before it ever ran never enters _execute: admission forgets it here.
-        task.add_done_callback(lambda _: self._over(call))
+        task.add_done_callback(lambda _: self._admission.over(call.ticket))
         return task
 
     @staticmethod
@@ -634,7 +443,6 @@ class AsyncRuntime:
             task.uncancel()
 
     async def _execute(self, call: _Call, chunk_sink: Any = None) -> InvocationResult:
-        assert self._slots is not None
         ticket, invocation_id = call.ticket, call.id
         t0 = time.monotonic()
         ticket.entered = True
@@ -644,20 +452,18 @@ class AsyncRuntime:
             if ticket.cancelled:
                 return _cancelled(invocation_id, 0.0)
             try:
-                await self._slots.acquire()
+                await self._admission.acquire_slot()
             except asyncio.CancelledError:
                 if ticket.cancelled:
                     self._swallow_our_cancel()
                     return _cancelled(invocation_id, time.monotonic() - t0)
                 raise
-            self._running += 1
             try:
                 return await self._run(call, chunk_sink, t0)
             finally:
-                self._running -= 1
-                self._slots.release()
+                self._admission.release_slot()
         finally:
-            self._over(call)
+            self._admission.over(ticket)
 
     async def _run(self, call: _Call, chunk_sink: Any, t0: float) -> InvocationResult:
         fn, limits, ticket, invocation_id = call.fn, call.limits, call.ticket, call.id
@@ -715,12 +521,14 @@ class AsyncRuntime:
                 and not self._grew(execution) else None)
         loop = asyncio.get_running_loop()
         if keep is not None:
-            pool.release(worker, keep_for=keep)  # at once: the next call may want it
-            worker.limits = limits
+            pool.release(worker, keep_for=keep, limits=limits)  # at once: the next call
         else:
             # Teardown (kill, close, reap, cgroup clean-up) once the caller has its result:
             # two hops, so the callbacks that deliver it (queued when this task ends) go first.
-            loop.call_soon(loop.call_soon, pool.release, worker, None)
+            def teardown() -> None:
+                pool.release(worker)
+
+            loop.call_soon(loop.call_soon, teardown)
         # Refill after that too, for the same reason.
         loop.call_soon(loop.call_soon, pool.refill)
         if caller_cancelled and not ticket.cancelled:
@@ -879,8 +687,8 @@ class AsyncRuntime:
             "version": __version__,
             "profiles": self.profiles,
             "pools": pools,
-            "running": self._running,
-            "queued": self._queued,
+            "running": self._admission.running,
+            "queued": self._admission.queued,
             "calls": self.call_stats(),
             "max_concurrency": self.max_concurrency,
             "max_queue": self.max_queue,
@@ -919,7 +727,7 @@ class AsyncRuntime:
         layers: dict[str, Any] = {}
         if report is not None:
             layers.update(report["layers"])
-        cg = self._cgroup_report
+        cg = self._host.cgroup_report
         for controller in ("memory", "pids", "cpu"):
             available = bool(cg.get("available")) and bool(cg.get(controller, False))
             layers[f"cgroup_{controller}"] = {
@@ -936,54 +744,6 @@ class AsyncRuntime:
             "landlock_abi": report.get("landlock_abi") if report is not None else None,
             "layers": layers,
         }
-
-
-BUNDLE_DIR_PREFIX = "sandbox-bundles-"
-
-
-def sweep_stale_bundle_dirs(base: str) -> int:
-    """Remove ``<base>/sandbox-bundles-<pid>-*`` directories whose runtime (``pid``) is dead;
-    returns how many. (A live process that reused the pid keeps them: harmless, swept later.)
-    """
-    import shutil
-
-    removed = 0
-    try:
-        entries = list(os.scandir(base))
-    except OSError:
-        return 0
-    for entry in entries:
-        rest = entry.name[len(BUNDLE_DIR_PREFIX):]
-        pid_text, sep, _ = rest.partition("-")
-        if not entry.name.startswith(BUNDLE_DIR_PREFIX) or not sep or not pid_text.isdigit() \
-                or not entry.is_dir(follow_symlinks=False):
-            continue
-        try:
-            os.kill(int(pid_text), 0)
-            continue  # alive
-        except ProcessLookupError:
-            pass
-        except PermissionError:
-            continue  # alive, someone else's
-        shutil.rmtree(entry.path, ignore_errors=True)
-        removed += not os.path.exists(entry.path)
-    return removed
-
-
-def _isolation_config(isolation: Any) -> Any:
-    """The IsolationConfig asked for, or None for "off"."""
-    from sandbox.isolation import IsolationConfig
-
-    if isolation is None:
-        isolation = "strict" if os.geteuid() == 0 else "best-effort"
-    if isinstance(isolation, IsolationConfig):
-        return isolation
-    if isolation == "off":
-        return None
-    if isolation in ("strict", "best-effort"):
-        return IsolationConfig(mode=isolation)
-    raise ConfigurationError(f"isolation must be 'strict', 'best-effort', 'off' or an "
-                             f"IsolationConfig, got {isolation!r}")
 
 
 def _validate_payload(data: bytes, content_type: str) -> None:
@@ -1026,7 +786,7 @@ def _cancelled(invocation_id: str, queue_s: float) -> InvocationResult:
 class AsyncInvocation:
     """A running invocation: ``await`` it for the result, or :meth:`cancel` it."""
 
-    def __init__(self, invocation_id: str, ticket: _Ticket,
+    def __init__(self, invocation_id: str, ticket: Ticket,
                  task: asyncio.Task[InvocationResult]) -> None:
         self.id = invocation_id
         self._ticket = ticket
@@ -1062,7 +822,7 @@ class AsyncInvocation:
 class InvocationStream:
     """The chunks of a generator function, as they arrive; then the final result."""
 
-    def __init__(self, invocation_id: str, ticket: _Ticket, decode: Any, raw: bool) -> None:
+    def __init__(self, invocation_id: str, ticket: Ticket, decode: Any, raw: bool) -> None:
         self.id = invocation_id
         self._ticket = ticket
         self._decode = decode

@@ -159,7 +159,7 @@ class Watch:
         return bool(layers.get(name, {}).get("enabled"))
 
     def cgroup_parents(self) -> tuple[str, ...]:
-        manager = self.rt.async_runtime._cgroups
+        manager = self.rt.async_runtime._host.cgroups
         return tuple(manager.paths) if manager is not None else ()
 
     def _live(self) -> tuple[set[int], set[str]]:

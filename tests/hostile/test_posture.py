@@ -164,7 +164,7 @@ def test_worker_posture_from_outside(secret_rt: Runtime) -> None:
             verified.add("filesystem")
 
         # cgroups: the worker is in its own group with the invocation's limits.
-        manager = rt.async_runtime._cgroups
+        manager = rt.async_runtime._host.cgroups
         if manager is not None:
             with open(f"/proc/{pid}/cgroup") as f:
                 groups = [line.strip().split(":", 2) for line in f]

@@ -41,7 +41,7 @@ from sandbox.errors import (
 )
 from sandbox.limits import Limits
 from sandbox.outcome import InvocationResult
-from sandbox.server import (
+from sandbox.wire import (
     CONTENT_TYPES,
     DEFAULT_MAX_MESSAGE_BYTES,
     limits_from_proto,

@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import math
 import os
 import signal
 import sys
@@ -53,8 +52,18 @@ from sandbox.errors import (
     ShuttingDown,
 )
 from sandbox.limits import Limits
-from sandbox.outcome import ErrorInfo, InvocationResult, Outcome, Stats
-from sandbox.store import FunctionStore, SourceFormat, StoredFunction, check_name, profile_name
+from sandbox.outcome import InvocationResult, Outcome
+from sandbox.store import FunctionStore, StoredFunction, check_name, profile_name
+from sandbox.wire import (
+    CONTENT_TYPES,
+    DEFAULT_MAX_MESSAGE_BYTES,
+    limits_from_proto,
+    limits_to_proto,
+    result_from_proto,
+    result_to_proto,
+    source_format_from_proto,
+    source_format_to_proto,
+)
 
 if TYPE_CHECKING:
     from sandbox.functions import FunctionInfo
@@ -77,8 +86,6 @@ __all__ = [
 log = get_logger(__name__)
 
 SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["Sandbox"].full_name
-CONTENT_TYPES = ("application/msgpack", "application/json")
-DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 DEFAULT_INVOKE_MANY_WINDOW = 256
 
 #: The one table from exception to status code; the first matching row wins. Outcomes of the
@@ -102,105 +109,6 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"
 
 
-# ---------------------------------------------------------------------------------------------
-# Conversions (shared with the client)
-
-_OUTCOME_TO_PROTO: dict[Outcome, pb.Outcome] = {
-    o: getattr(pb, f"OUTCOME_{o.value}") for o in Outcome}
-_OUTCOME_FROM_PROTO: dict[int, Outcome] = {int(v): k for k, v in _OUTCOME_TO_PROTO.items()}
-_LIMIT_FIELDS = tuple(f.name for f in dataclasses.fields(Limits))
-_FORMAT_TO_PROTO: dict[str, pb.SourceFormat] = {"python": pb.SOURCE_FORMAT_PYTHON,
-                                     "zip": pb.SOURCE_FORMAT_ZIP}
-_FORMAT_FROM_PROTO: dict[int, SourceFormat] = {pb.SOURCE_FORMAT_PYTHON: "python",
-                                               pb.SOURCE_FORMAT_ZIP: "zip"}
-
-
-def limits_to_proto(limits: Limits | None) -> pb.Limits | None:
-    """``None`` fields stay unset; ``network`` is set only when true."""
-    if limits is None:
-        return None
-    msg = pb.Limits()
-    for name in _LIMIT_FIELDS:
-        value = getattr(limits, name)
-        if value is not None and (name != "network" or value):
-            setattr(msg, name, value)
-    return msg
-
-
-def limits_from_proto(msg: pb.Limits, present: bool = True) -> Limits | None:
-    """Unset fields become ``None`` (inherit). Raises InvalidRequest naming a bad field."""
-    if not present:
-        return None
-    values: dict[str, Any] = {name: getattr(msg, name) for name in _LIMIT_FIELDS
-                              if msg.HasField(name)}
-    for name in ("wall_timeout_s", "cpu_time_s"):
-        if name in values and not math.isfinite(values[name]):
-            raise InvalidRequest(f"Limits.{name} must be finite, got {values[name]!r}")
-    try:
-        return Limits(**values)
-    except (TypeError, ValueError) as exc:
-        raise InvalidRequest(str(exc)) from None
-
-
-def result_to_proto(result: InvocationResult, content_type: str) -> pb.InvokeResponse:
-    s = result.stats
-    stats = pb.Stats(queue_s=s.queue_s, startup_s=s.startup_s, run_s=s.run_s,
-                     cold_start=s.cold_start, forked_on_demand=s.forked_on_demand,
-                     worker_invocations=s.worker_invocations)
-    if s.cpu_s is not None:
-        stats.cpu_s = s.cpu_s
-    if s.peak_memory_bytes is not None:
-        stats.peak_memory_bytes = s.peak_memory_bytes
-    if s.worker_pid is not None:
-        stats.worker_pid = s.worker_pid
-    if s.function_s is not None:
-        stats.function_s = s.function_s
-    msg = pb.InvokeResponse(
-        id=result.id, outcome=_OUTCOME_TO_PROTO[result.outcome], payload=result.result_bytes,
-        content_type=content_type, stdout=result.stdout, stderr=result.stderr,
-        stdout_truncated=result.stdout_truncated, stderr_truncated=result.stderr_truncated,
-        chunks=result.chunks, stats=stats)
-    if result.error is not None:
-        msg.error.CopyFrom(pb.ErrorInfo(type=result.error.type, message=result.error.message,
-                                        traceback=result.error.traceback))
-    return msg
-
-
-def result_from_proto(msg: pb.InvokeResponse,
-                      decode: Callable[[bytes, str], Any] | None = None) -> InvocationResult:
-    """The embedded vocabulary for a result off the wire; ``decode(payload, content_type)``
-    fills ``result`` for an OK outcome."""
-    outcome = _OUTCOME_FROM_PROTO.get(msg.outcome)
-    if outcome is None:
-        raise InvalidRequest(f"the server sent an unknown outcome {msg.outcome}")
-    s = msg.stats
-    stats = Stats(
-        queue_s=s.queue_s, startup_s=s.startup_s, run_s=s.run_s,
-        cpu_s=s.cpu_s if s.HasField("cpu_s") else None,
-        peak_memory_bytes=s.peak_memory_bytes if s.HasField("peak_memory_bytes") else None,
-        cold_start=s.cold_start, forked_on_demand=s.forked_on_demand,
-        worker_pid=s.worker_pid if s.HasField("worker_pid") else None,
-        worker_invocations=s.worker_invocations,
-        function_s=s.function_s if s.HasField("function_s") else None)
-    error = (ErrorInfo(msg.error.type, msg.error.message, msg.error.traceback)
-             if msg.HasField("error") else None)
-    value = None
-    if outcome is Outcome.OK and decode is not None and msg.payload:
-        value = decode(msg.payload, msg.content_type or CONTENT_TYPES[0])
-    return InvocationResult(
-        id=msg.id, outcome=outcome, result=value, result_bytes=msg.payload, error=error,
-        stdout=msg.stdout, stderr=msg.stderr, stdout_truncated=msg.stdout_truncated,
-        stderr_truncated=msg.stderr_truncated, chunks=msg.chunks, stats=stats)
-
-
-def source_format_to_proto(fmt: str | None) -> pb.SourceFormat:
-    return _FORMAT_TO_PROTO.get(fmt or "", pb.SOURCE_FORMAT_UNSPECIFIED)
-
-
-def source_format_from_proto(value: int) -> SourceFormat | None:
-    return _FORMAT_FROM_PROTO.get(value)
-
-
 def _function_to_proto(info: FunctionInfo, stored: StoredFunction | None,
                        modules: Sequence[str]) -> pb.Function:
     msg = pb.Function(name=info.name, version=info.version, digest=info.digest,
@@ -215,7 +123,7 @@ def _function_to_proto(info: FunctionInfo, stored: StoredFunction | None,
         stamp = timestamp_pb2.Timestamp()
         stamp.FromNanoseconds(int(stored.created * 1e9))
         msg.create_time.CopyFrom(stamp)
-        msg.source_format = _FORMAT_TO_PROTO[stored.source_format]
+        msg.source_format = source_format_to_proto(stored.source_format)
         msg.source_size_bytes = stored.source_size_bytes
     return msg
 

@@ -736,12 +736,7 @@ def _private_tmp(config: IsolationConfig, ids: WorkerIds, *, seal: bool) -> str:
                f"size={config.tmp_size_bytes},nr_inodes={config.tmp_max_inodes},mode=0700,"
                f"uid={ids.uid},gid={ids.gid}")
         for path, fd in held.items():
-            if os.path.isdir(f"/proc/self/fd/{fd}"):
-                os.makedirs(path, mode=0o755, exist_ok=True)
-            else:
-                os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
-                os.close(os.open(path, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o444))
-            _mount(f"/proc/self/fd/{fd}", path, None, MS_BIND | MS_REC)
+            _bind_fd(fd, path)
             if seal:
                 _seal(path, recursive=True)
     finally:
@@ -771,15 +766,21 @@ def _expose(paths: Iterable[str]) -> None:
         try:
             _mount("tmpfs", blocker, "tmpfs", MS_NOSUID | MS_NODEV, "size=64k,mode=0755")
             for target, fd in fds.items():
-                if os.path.isdir(f"/proc/self/fd/{fd}"):
-                    os.makedirs(target, mode=0o755, exist_ok=True)
-                else:
-                    os.makedirs(os.path.dirname(target), mode=0o755, exist_ok=True)
-                    os.close(os.open(target, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o444))
-                _mount(f"/proc/self/fd/{fd}", target, None, MS_BIND | MS_REC)
+                _bind_fd(fd, target)
         finally:
             for fd in fds.values():
                 os.close(fd)
+
+
+def _bind_fd(fd: int, dest: str) -> None:
+    """Bind-mount (recursively) what the O_PATH ``fd`` holds at ``dest``, making the mount
+    point first (a directory, or an empty file for a file)."""
+    if os.path.isdir(f"/proc/self/fd/{fd}"):
+        os.makedirs(dest, mode=0o755, exist_ok=True)
+    else:
+        os.makedirs(os.path.dirname(dest), mode=0o755, exist_ok=True)
+        os.close(os.open(dest, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o444))
+    _mount(f"/proc/self/fd/{fd}", dest, None, MS_BIND | MS_REC)
 
 
 def _unescape(text: str) -> str:
@@ -970,12 +971,7 @@ def _build_minimal_root(config: IsolationConfig) -> None:
                 os.symlink(target, new + path)
         for path, fd in sources.items():
             dest = new + path
-            if os.path.isdir(f"/proc/self/fd/{fd}"):
-                os.makedirs(dest, mode=0o755, exist_ok=True)
-            else:
-                os.makedirs(os.path.dirname(dest), mode=0o755, exist_ok=True)
-                os.close(os.open(dest, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o444))
-            _mount(f"/proc/self/fd/{fd}", dest, None, MS_BIND | MS_REC)
+            _bind_fd(fd, dest)
         dev = new + "/dev"
         os.makedirs(dev, mode=0o755, exist_ok=True)
         _mount("tmpfs", dev, "tmpfs", MS_NOSUID | MS_NOEXEC, "size=64k,nr_inodes=64,mode=0755")

@@ -101,7 +101,8 @@ class FunctionInfo:
         }
 
 
-@functools.lru_cache(maxsize=256)
+# As many as bundle_archive keeps: a descriptor holds its version's archive.
+@functools.lru_cache(maxsize=64)
 def _descriptor(info: FunctionInfo) -> dict[str, Any]:
     module, _, attr = info.handler.rpartition(":")
     archive, entry = b"", ""

@@ -7,7 +7,7 @@ runtime tells the pools what an unregistration let go of.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from sandbox.errors import ConfigurationError, FunctionNotFound
@@ -20,15 +20,13 @@ class Registry:
     """Functions by name and version.
 
     Args:
-        has_profile: whether a preload profile exists (a registration must name one).
-        profiles: the profiles' names (for the error naming them).
+        profiles: the runtime's preload profiles (read live: a registration must name one).
         bundle_dir: where file, directory and zip bundles are snapshotted (None: loaded from
             where they are), once the host is set up.
     """
 
-    def __init__(self, has_profile: Callable[[str], bool], profiles: Callable[[], list[str]],
-                 bundle_dir: Callable[[], str | None]) -> None:
-        self._has_profile = has_profile
+    def __init__(self, profiles: Mapping[str, Any], bundle_dir: Callable[[], str | None]
+                 ) -> None:
         self._profiles = profiles
         self._bundle_dir = bundle_dir
         self._functions: dict[str, dict[int, FunctionInfo]] = {}
@@ -41,9 +39,9 @@ class Registry:
         Raises:
             ConfigurationError: bad name, handler, path, profile, limits or version.
         """
-        if not self._has_profile(profile):
+        if profile not in self._profiles:
             raise ConfigurationError(f"unknown profile {profile!r}; profiles: "
-                                     f"{sorted(self._profiles())}")
+                                     f"{sorted(self._profiles)}")
         versions = self._functions.setdefault(name, {})
         if version is None:
             version = max(versions, default=0) + 1

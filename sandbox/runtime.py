@@ -201,8 +201,7 @@ class AsyncRuntime:
         # would cost a getrandom system call), and across runtimes by a random base.
         self._id_base = uuid.uuid4().hex[:20]
         self._id_counter = itertools.count(1)
-        self._registry = Registry(lambda profile: profile in self._profiles,
-                                  lambda: list(self._profiles), lambda: self._host.bundle_dir)
+        self._registry = Registry(self._profiles, lambda: self._host.bundle_dir)
         #: where recent OK calls spent their time, phase by phase (see call_stats)
         self._call_records: collections.deque[tuple[float, ...]] = collections.deque(
             maxlen=1024)

@@ -82,6 +82,9 @@ class ZygoteHandle:
         self._sock: socket.socket | None = None
         self._proc: subprocess.Popen[bytes] | None = None
         self._pidfd: int | None = None
+        #: without root the zygote proper is pid 1 of namespaces of its own, a child of the
+        #: process we started: its pidfd (killed with it, waited for before ``reaped``)
+        self._inner_pidfd: int | None = None
         self._started: asyncio.Future[None] = self._loop.create_future()
         #: done once the zygote process has exited and been reaped
         self.reaped: asyncio.Future[None] = self._loop.create_future()
@@ -181,6 +184,10 @@ class ZygoteHandle:
                 self.kill()
         elif kind == "zready":
             self.rss_bytes = int(msg.get("rss", 0))
+            inner = int(msg.get("pid", 0))
+            if inner and inner != self.pid and self._inner_pidfd is None:
+                with contextlib.suppress(ProcessLookupError):
+                    self._inner_pidfd = os.pidfd_open(inner)
             report = msg.get("isolation")
             self.isolation_report = report if isinstance(report, dict) else None
             if not self._started.done():
@@ -204,6 +211,16 @@ class ZygoteHandle:
             self._pidfd = None
         if self._proc is not None:
             self._proc.poll()  # exited: the pidfd is readable
+        inner = self._inner_pidfd
+        if inner is not None:
+            # The outer process has gone; pid 1 of the zygote's namespace follows (death
+            # signal) and goes only once every process in its namespace has.
+            self._loop.remove_reader(inner)
+            if not select.select([inner], [], [], 0)[0]:
+                self._loop.add_reader(inner, self._reap)
+                return
+            os.close(inner)
+            self._inner_pidfd = None
         if not self.reaped.done():
             self.reaped.set_result(None)
 
@@ -216,6 +233,9 @@ class ZygoteHandle:
             self._loop.remove_reader(self._sock.fileno())
             self._sock.close()
             self._sock = None
+        if self._inner_pidfd is not None:
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(self._inner_pidfd, signal.SIGKILL)
         if self._pidfd is not None:
             with contextlib.suppress(ProcessLookupError):
                 signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
@@ -292,8 +312,10 @@ class ZygoteHandle:
     def kill(self) -> None:
         """SIGKILL the zygote (its workers follow by their death signal)."""
         if self._pidfd is not None and self.alive:
-            with contextlib.suppress(ProcessLookupError):
-                signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
+            for pidfd in (self._inner_pidfd, self._pidfd):
+                if pidfd is not None:
+                    with contextlib.suppress(ProcessLookupError):
+                        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
         self._dead("killed by the supervisor")
 
     def close(self) -> None:

@@ -47,9 +47,15 @@ in the zygote): SIGKILL to a namespace's init makes the kernel SIGKILL every pro
 double-forked ``setsid`` grandchildren included. Consequences of being pid 1: signals the worker
 sends *itself* with a default action are ignored (``os.kill(1, SIGKILL)`` from inside does
 nothing; ``abort()`` ends in SIGSEGV instead of SIGABRT; faults still kill); orphans reparent to
-the worker, so a reused worker should call :func:`reap_children` between invocations. Non-root:
-the zygote first calls :func:`enter_user_namespace` (it must be single-threaded) so it holds
-CAP_SYS_ADMIN in its own user namespace.
+the worker, so a reused worker calls :func:`end_namespace_processes` between invocations
+(``kill(-1, SIGKILL)`` from pid 1, then reap them all).
+
+Without root: the zygote first calls :func:`enter_zygote_namespaces` (single-threaded, before
+any preload). It becomes pid 1 of a pid namespace owned by a user namespace of its own, under
+a small outer process that only waits for it; there it holds every capability over its own
+namespaces, so everything above works as for root (nested pid namespace per worker, the
+template, the emptied bounding set), with the caller's uid for every worker. Killing the outer
+process kills the zygote (death signal), and with it, by the kernel, every process below.
 
 Cost (fork -> ready, p50 of 300, this 2-vCPU VM, noisy): no layer ~2.2 ms (including the
 posture check); each namespace +0 to 0.2 ms (fresh netns +0.2, shared netns setns ~0);
@@ -75,6 +81,7 @@ scopes. There is no thread sync before ABI 8: :func:`restrict` refuses to run wi
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import fcntl
@@ -100,15 +107,16 @@ __all__ = [
     "create_empty_netns",
     "detect",
     "drop_privileges",
+    "end_namespace_processes",
     "enter_namespaces",
     "enter_user_namespace",
+    "enter_zygote_namespaces",
     "fork_in_new_pid_namespace",
     "interpreter_paths",
     "landlock_abi",
     "namespace_ids",
     "posture_check",
     "prepare",
-    "reap_children",
     "restrict",
     "seal_filesystem",
     "seccomp_filter",
@@ -553,6 +561,89 @@ def enter_user_namespace() -> None:
     _write_id_maps()
 
 
+#: Set in a zygote that entered namespaces of its own (:func:`enter_zygote_namespaces`): how
+#: its ids map; None elsewhere (root, or a zygote in the supervisor's namespaces).
+zygote_namespaces: dict[str, Any] | None = None
+#: Why :func:`enter_zygote_namespaces` failed in this zygote ("" when it was not tried).
+zygote_namespaces_error = ""
+
+
+def enter_zygote_namespaces() -> dict[str, Any]:
+    """Without root: make the calling zygote pid 1 of a pid namespace owned by a user
+    namespace of its own. Call it single-threaded, before anything is preloaded.
+
+    The caller unshares a user namespace (its uid and gid map to themselves: the only ids an
+    ordinary user may map) and a pid namespace owned by it, then forks. The child returns,
+    as pid 1 of the new pid namespace: it holds every capability over its own namespaces
+    (none over the host), so it can give each worker a nested pid namespace, mounts and a
+    sealed template exactly as root does, and setns back into its own pid namespace after
+    each such fork. The parent never returns: it closes every fd but stdio, waits for the
+    child and exits with its status. Its death (the supervisor SIGKILLs it, or dies) kills
+    the child through the death signal, and when a pid namespace's pid 1 dies the kernel
+    kills every process in it: nothing a worker started can outlive the zygote.
+
+    Returns what :data:`zygote_namespaces` then holds. Raises OSError when the kernel
+    refuses (unprivileged user namespaces disabled by a sysctl or an AppArmor policy).
+    """
+    global zygote_namespaces
+    import signal
+
+    uid, gid = os.geteuid(), os.getegid()
+    _unshare(CLONE_NEWUSER | CLONE_NEWPID)
+    _write_id_maps(uid, gid)
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid:  # the outer process: wait for pid 1, then exit as it did
+        os.close(read_end)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        _linux.close_fds_except({0, 1, 2, write_end})
+        code = 1
+        try:
+            while True:
+                try:
+                    _, status = os.waitpid(pid, 0)
+                    break
+                except InterruptedError:
+                    continue
+            code = os.waitstatus_to_exitcode(status)
+            code = code if code >= 0 else 128 - code
+        finally:
+            os._exit(code)
+    os.close(write_end)
+    _linux.prctl(_linux.PR_SET_PDEATHSIG, signal.SIGKILL)
+    # The outer process may have died before the death signal was armed: its end of the
+    # pipe is then closed (getppid() is 0 in here whatever happens).
+    ready, _, _ = select.select([read_end], [], [], 0)
+    os.close(read_end)
+    if ready:
+        os._exit(0)
+    zygote_namespaces = {"uid": uid, "gid": gid, "ids": 1,
+                         "map": f"uid {uid} -> {uid}, gid {gid} -> {gid}"}
+    return zygote_namespaces
+
+
+def host_pid(pidfd: int) -> int:
+    """The pid of ``pidfd``'s process as the host numbers it. A zygote in a pid namespace of
+    its own still has the host's /proc, and a pidfd's fdinfo shows the pid in the namespace
+    of the /proc it is read through."""
+    with open(f"/proc/self/fdinfo/{pidfd}", "rb") as f:
+        for line in f:
+            if line.startswith(b"Pid:"):
+                return int(line[4:])
+    raise OSError(f"no Pid in the fdinfo of pidfd {pidfd}")
+
+
+def proc_pid(pid: int) -> int:
+    """Our child ``pid`` as /proc names it (they differ in a zygote's own pid namespace)."""
+    if zygote_namespaces is None:
+        return pid
+    pidfd = os.pidfd_open(pid)
+    try:
+        return host_pid(pidfd)
+    finally:
+        os.close(pidfd)
+
+
 def _write_id_maps(uid: int | None = None, gid: int | None = None) -> None:
     uid = os.geteuid() if uid is None else uid
     gid = os.getegid() if gid is None else gid
@@ -577,8 +668,9 @@ def _check_pid_namespace_restorable(own: int) -> None:
     except OSError as exc:
         raise IsolationUnavailable(
             f"pid_ns: cannot re-enter our own pid namespace ({exc.strerror}); without root "
-            "the zygote must itself live in a pid namespace owned by its user namespace "
-            "(start it as pid 1 of `unshare --user --pid --fork`)") from exc
+            "the zygote must live in a pid namespace owned by a user namespace of its own "
+            + (f"and could not: {zygote_namespaces_error}" if zygote_namespaces_error
+               else "(enter_zygote_namespaces)")) from exc
 
 
 def fork_in_new_pid_namespace() -> int:
@@ -608,32 +700,55 @@ def fork_in_new_pid_namespace() -> int:
         os.close(own)
 
 
-def reap_children() -> list[tuple[int, int]]:
-    """Reap every exited child without blocking; returns ``(pid, status)`` pairs.
-
-    A worker is pid 1 of its namespace, so orphaned grandchildren become its children and
-    stay zombies (counted by pids.max) until reaped. Call between invocations of a reused
-    worker, never while the function may be waiting for its own children.
-    """
-    reaped = []
-    while True:
+def userns_refusal(error: str) -> str:
+    """Why unprivileged user namespaces are refused here, and the switch that allows them."""
+    def read(path: str) -> str | None:
         try:
-            pid, status = os.waitpid(-1, os.WNOHANG)
+            with open(path) as f:
+                return f.read().strip()
+        except OSError:
+            return None
+
+    switches = []
+    if read("/proc/sys/kernel/unprivileged_userns_clone") == "0":
+        switches.append("sysctl kernel.unprivileged_userns_clone=1")
+    if read("/proc/sys/user/max_user_namespaces") == "0":
+        switches.append("sysctl user.max_user_namespaces=15000")
+    if read("/proc/sys/kernel/apparmor_restrict_unprivileged_userns") == "1":
+        switches.append("an AppArmor profile allowing userns for this program, or sysctl "
+                        "kernel.apparmor_restrict_unprivileged_userns=0")
+    hint = " or ".join(switches) if switches else (
+        "check kernel.unprivileged_userns_clone, user.max_user_namespaces and any AppArmor "
+        "or seccomp policy of the container")
+    return f"unprivileged user namespaces refused ({error}); to allow them: {hint}"
+
+
+def end_namespace_processes() -> int:
+    """In pid 1 of a pid namespace (a worker between two invocations): SIGKILL every other
+    process of the namespace and reap them all; returns how many were reaped.
+
+    ``kill(-1)`` from pid 1 reaches every process of its namespace (and of namespaces below
+    it) but itself; orphans are reparented to pid 1, so waiting until there is no child left
+    waits for the last of them. A process forking meanwhile only adds a round.
+    """
+    import signal
+
+    reaped = 0
+    while True:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(-1, signal.SIGKILL)
+        try:
+            os.waitpid(-1, 0)
         except ChildProcessError:
-            break
-        if pid == 0:
-            break
-        reaped.append((pid, status))
-    return reaped
+            return reaped
+        except InterruptedError:
+            continue
+        reaped += 1
 
 
 # --------------------------------------------------------------------------------------------
 # Worker layers
 # --------------------------------------------------------------------------------------------
-
-def _has_cap(cap: int) -> bool:
-    return bool(int(_status_text("/proc/self/status")["CapEff"], 16) >> cap & 1)
-
 
 def enter_namespaces(config: IsolationConfig, *, netns_fd: int | None = None) -> None:
     """Layer 1: enter new mount, IPC, UTS (and, non-root, user) namespaces; join or make netns.
@@ -655,8 +770,7 @@ def enter_namespaces(config: IsolationConfig, *, netns_fd: int | None = None) ->
             flags |= _NS_FLAG[layer]
     if config.net_ns and netns_fd is None:
         flags |= CLONE_NEWNET
-    cap_sys_admin = 21
-    if config.user_ns and os.geteuid() != 0 and not _has_cap(cap_sys_admin):
+    if config.user_ns and os.geteuid() != 0 and zygote_namespaces is None:
         # Everything in one call: the user namespace is created first and owns the others.
         uid, gid = os.geteuid(), os.getegid()
         _unshare(flags | CLONE_NEWUSER)
@@ -962,6 +1076,8 @@ def _build_minimal_root(config: IsolationConfig) -> None:
     sources = {p: os.open(p, os.O_PATH | os.O_CLOEXEC) for p in view_paths(config)}
     devices = {d: os.open(f"/dev/{d}", os.O_PATH | os.O_CLOEXEC) for d in _DEVICES
                if os.path.exists(f"/dev/{d}")}
+    proc_fd = (os.open("/proc", os.O_PATH | os.O_CLOEXEC)
+               if zygote_namespaces is not None and config.pid_ns else -1)
     new = os.path.realpath(config.tmp_dir)
     try:
         _mount("tmpfs", new, "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,nr_inodes=16384,mode=0755")
@@ -985,9 +1101,14 @@ def _build_minimal_root(config: IsolationConfig) -> None:
         _mount("tmpfs", f"{dev}/shm", "tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC,
                "size=4k,nr_inodes=1,mode=0555")
         os.makedirs(new + "/proc", mode=0o555, exist_ok=True)
+        if proc_fd >= 0:
+            # Outside the initial user namespace the kernel lets a worker mount a proc only
+            # where one is already fully visible in its mount namespace: the host's, bound
+            # here and always covered by the worker's own before any user code runs.
+            _bind_fd(proc_fd, new + "/proc")
         os.makedirs(new + os.path.normpath(config.tmp_dir), mode=0o755, exist_ok=True)
     finally:
-        for fd in (*sources.values(), *devices.values()):
+        for fd in (*sources.values(), *devices.values(), *([proc_fd] if proc_fd >= 0 else [])):
             os.close(fd)
     os.chdir(new)
     _syscall("pivot_root", b".", b".")  # the old root now sits on top of the new one
@@ -1057,7 +1178,7 @@ def _build_template(config: IsolationConfig) -> _Template:
         if answer != b"ok":
             raise IsolationUnavailable("filesystem: cannot build the template mount "
                                        f"namespace: {answer.decode(errors='replace')}")
-        opened = os.open(f"/proc/{pid}/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
+        opened = os.open(f"/proc/{proc_pid(pid)}/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
         # Above 0-3, which a worker's birth rearranges (stdio and its channel).
         fd = fcntl.fcntl(opened, fcntl.F_DUPFD_CLOEXEC, 10)
         os.close(opened)
@@ -1083,15 +1204,22 @@ def prepare(config: IsolationConfig) -> None:
     _last_cap()
     if config.filesystem:
         _exposed_under_tmp(config)
-    if config.filesystem and config.mount_ns and os.geteuid() == 0 and _template is None:
+    if config.filesystem and config.mount_ns and _privileged() and _template is None:
         _template = _build_template(config)
     if config.seccomp:
         _seccomp_program(config.allow_network)
         _seccomp_program(True)
-    if config.credentials and os.geteuid() == 0 and not _bounding_set_dropped:
+    if config.credentials and _privileged() and not _bounding_set_dropped:
         for cap in range(_last_cap() + 1):
             _prctl(PR_CAPBSET_DROP, cap)
         _bounding_set_dropped = True
+
+
+def _privileged() -> bool:
+    """Root, or a zygote holding every capability over namespaces of its own
+    (:func:`enter_zygote_namespaces`): either can build the template and empty its
+    bounding set for its workers."""
+    return os.geteuid() == 0 or zygote_namespaces is not None
 
 
 def landlock_abi() -> int:
@@ -1387,7 +1515,7 @@ def _probe(config: IsolationConfig, netns_fd: int | None) -> dict[str, str]:
             results[layer] = f"{exc.strerror or exc}"
 
     root = os.geteuid() == 0
-    if not root:
+    if not root and zygote_namespaces is None:
         attempt("user_ns", enter_user_namespace)
     def pid_ns() -> None:
         own = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
@@ -1502,7 +1630,13 @@ def detect(config: IsolationConfig, *, netns_fd: int | None = None) -> Isolation
             if root:
                 layers[layer] = LayerStatus(True, False, "not needed: running as root")
                 continue
-            available, reason = probe["user_ns"] == "", probe["user_ns"] or "uid -> same uid"
+            if zygote_namespaces is not None:
+                available, reason = True, (f"the zygote's own ({zygote_namespaces['map']}, "
+                                           "one id for every worker)")
+            else:
+                available = probe["user_ns"] == ""
+                reason = ("each worker's own (uid -> same uid)" if available
+                          else userns_refusal(probe["user_ns"]))
         elif layer == "landlock":
             parts = ["fs"] + (["tcp"] if abi >= 4 else []) + (["scopes"] if abi >= 6 else [])
             available = abi >= 1
@@ -1517,6 +1651,9 @@ def detect(config: IsolationConfig, *, netns_fd: int | None = None) -> Isolation
                 reason = "shared empty netns" if netns_fd is not None else "fresh empty netns"
             elif available and layer == "seccomp":
                 reason = "filter with TSYNC, KILL_PROCESS"
+            elif available and layer == "pid_ns":
+                reason = ("each worker is pid 1 of its own"
+                          + (", inside the zygote's" if zygote_namespaces is not None else ""))
         if not wanted:
             reason = "disabled by config" + (f" ({reason})" if reason else "")
         layers[layer] = LayerStatus(available, wanted and available, reason)

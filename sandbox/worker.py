@@ -63,17 +63,22 @@ class Context:
         limits: the effective limits of this invocation (a dict of :class:`sandbox.Limits`
             fields; None is unlimited).
         deadline: ``time.monotonic()`` value after which the worker is killed, or None.
+        trace_id: the W3C trace id of the invocation (32 hex digits) when it is traced or its
+            caller sent a ``traceparent``, else None.
     """
 
-    __slots__ = ("deadline", "function_name", "function_version", "invocation_id", "limits")
+    __slots__ = ("deadline", "function_name", "function_version", "invocation_id", "limits",
+                 "trace_id")
 
     def __init__(self, invocation_id: str, function_name: str, function_version: int,
-                 limits: dict[str, Any], deadline: float | None) -> None:
+                 limits: dict[str, Any], deadline: float | None,
+                 trace_id: str | None = None) -> None:
         self.invocation_id = invocation_id
         self.function_name = function_name
         self.function_version = function_version
         self.limits = limits
         self.deadline = deadline
+        self.trace_id = trace_id
 
     def remaining_time_s(self) -> float | None:
         """Seconds left before the wall-clock timeout kills this invocation (None: no limit)."""
@@ -419,7 +424,8 @@ def _invoke(sock: Any, msg: Mapping[str, Any], config: Mapping[str, Any],
         _apply_rlimits(limits, config)
         handler = _load(fn)
         event = _decode_event(msg["event"], content_type)
-        context = Context(msg["id"], fn["name"], fn["version"], limits, deadline)
+        context = Context(msg["id"], fn["name"], fn["version"], limits, deadline,
+                          msg.get("trace"))
         marks[1] = now()
         value = handler(event, context)
         if isinstance(value, types.CoroutineType):
@@ -552,10 +558,11 @@ def main(channel_fd: int, stdout_fd: int, stderr_fd: int, config: Mapping[str, A
                     os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
                 break
             if os.getpid() == 1:
-                # pid 1 of its namespace: orphans of this invocation are ours to reap.
+                # pid 1 of its namespace: whatever this invocation left running dies now
+                # (setsid'd, double-forked or not), before the next one starts.
                 from sandbox import isolation
 
-                isolation.reap_children()
+                isolation.end_namespace_processes()
     except BaseException:
         try:
             traceback.print_exc()

@@ -150,6 +150,25 @@ def _detect_isolation(wanted: dict[str, Any] | None, netns_fd: int, sock: socket
     return report.effective, data
 
 
+def _enter_own_namespaces(wanted: Mapping[str, Any] | None) -> dict[str, int] | None:
+    """Without root, with user and pid namespaces wanted: become pid 1 of namespaces of our
+    own (:func:`sandbox.isolation.enter_zygote_namespaces`). Returns the supervisor's
+    namespace ids (what each worker's must differ from), None when we stay in them."""
+    if not wanted or os.geteuid() == 0 or not wanted.get("user_ns", True) \
+            or not wanted.get("pid_ns", True):
+        return None
+    from sandbox import isolation
+
+    host_namespaces = isolation.namespace_ids()
+    try:
+        isolation.enter_zygote_namespaces()
+    except OSError as exc:
+        # Reported by detect() as the reason pid_ns is missing; strict mode refuses there.
+        isolation.zygote_namespaces_error = isolation.userns_refusal(exc.strerror or str(exc))
+        return None
+    return host_namespaces
+
+
 def serve(modules_arg: str, parent_pid: int, control_fd: int, options_json: str = "{}",
           netns_fd: int = -1) -> None:
     """The zygote's main loop. Runs in the exec'd zygote process; never returns."""
@@ -166,6 +185,7 @@ def serve(modules_arg: str, parent_pid: int, control_fd: int, options_json: str 
         from sandbox import worker
 
         options = json.loads(options_json)
+        host_namespaces = _enter_own_namespaces(options.get("isolation"))
         isolation_config, report = _detect_isolation(options.get("isolation"), netns_fd, sock)
         if not _preload(modules, sock):
             os._exit(0)
@@ -181,7 +201,8 @@ def serve(modules_arg: str, parent_pid: int, control_fd: int, options_json: str 
         gc.collect()
         if options.get("gc_freeze", True):
             gc.freeze()
-        _Zygote(sock, modules, worker, isolation_config, report, netns_fd).run()
+        _Zygote(sock, modules, worker, isolation_config, report, netns_fd,
+                host_namespaces).run()
     except (BrokenPipeError, ConnectionError):
         code = 0  # the supervisor went away: nothing to report to
     except BaseException:
@@ -193,14 +214,19 @@ def serve(modules_arg: str, parent_pid: int, control_fd: int, options_json: str 
 
 class _Zygote:
     def __init__(self, sock: socket.socket, modules: list[str], worker: Any,
-                 isolation_config: Any, report: dict[str, Any] | None, netns_fd: int) -> None:
+                 isolation_config: Any, report: dict[str, Any] | None, netns_fd: int,
+                 host_namespaces: dict[str, int] | None = None) -> None:
         self.sock = sock
         self.modules = modules
         self.worker = worker
         self.isolation = isolation_config
+        self.isolation_module: Any = None
         self.report = report
         self.netns_fd = netns_fd
         self.host_namespaces: dict[str, int] = {}
+        #: in a pid namespace of our own (not root): our pid for a child -> the host's
+        self.own_pid_ns = host_namespaces is not None
+        self.host_pids: dict[int, int] = {}
         self.fork: Callable[[], int] = os.fork
         #: the config of a worker allowed on the network (host netns, INET sockets)
         self.network_isolation: Any = None
@@ -209,9 +235,10 @@ class _Zygote:
 
             from sandbox import isolation
 
-            # The zygote shares the supervisor's namespaces: the posture check compares with
-            # these.
-            self.host_namespaces = isolation.namespace_ids()
+            self.isolation_module = isolation
+            # The posture check compares a worker's namespaces with the supervisor's: ours,
+            # unless we entered our own user and pid namespaces.
+            self.host_namespaces = host_namespaces or isolation.namespace_ids()
             if isolation_config.pid_ns:
                 self.fork = isolation.fork_in_new_pid_namespace
             self.network_isolation = dataclasses.replace(
@@ -229,7 +256,10 @@ class _Zygote:
         signal.signal(signal.SIGCHLD, lambda signum, frame: None)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the supervisor
-        _send(self.sock, {"t": "zready", "pid": os.getpid(), "modules": self.modules,
+        # As the host numbers us: /proc is the host's (we are pid 1 of our own namespace
+        # when not root, and the supervisor must be able to signal us).
+        _send(self.sock, {"t": "zready", "pid": int(os.readlink("/proc/self")),
+                          "modules": self.modules,
                           "rss": _rss_bytes(), "threads": _linux.thread_count(),
                           "isolation": self.report})
         selector = selectors.DefaultSelector()
@@ -268,6 +298,7 @@ class _Zygote:
             was_worker = pid in self.children
             self.children.discard(pid)
             if was_worker:
+                pid = self.host_pids.pop(pid, pid)
                 _send(self.sock, {"t": "exited", "pid": pid, "status": status,
                                   "cpu": ru.ru_utime + ru.ru_stime,
                                   "maxrss": ru.ru_maxrss * 1024})
@@ -343,6 +374,8 @@ class _Zygote:
         self.children.add(pid)
         pidfd = os.pidfd_open(pid)
         try:
+            if self.own_pid_ns:
+                pid = self.host_pids[pid] = self.isolation_module.host_pid(pidfd)
             _send(self.sock, {"t": "spawned", "token": token, "pid": pid}, [pidfd])
         finally:
             os.close(pidfd)

@@ -15,6 +15,12 @@ passes through.
     with Client("localhost:50051") as client:
         client.deploy("add", "def handler(event, context):\\n    return event['a'] + 1\\n")
         client.invoke("add", {"a": 1}).unwrap()      # 2
+
+A server with TLS and tokens (``sandbox serve --tls-cert ... --auth-tokens ...``)::
+
+    Client("sandbox.example:50051", tls_ca="ca.pem", token="...")    # + tls_cert/tls_key: mTLS
+
+A denied call raises :class:`RemoteError` with ``UNAUTHENTICATED`` or ``PERMISSION_DENIED``.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import asyncio
 import dataclasses
 import datetime
 import json
+import os
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -33,6 +40,7 @@ import msgpack
 from sandbox._proto.sandbox.v1 import sandbox_pb2 as pb
 from sandbox._proto.sandbox.v1 import sandbox_pb2_grpc as pb_grpc
 from sandbox.errors import (
+    ConfigurationError,
     FunctionNotFound,
     InvalidRequest,
     Overloaded,
@@ -41,6 +49,7 @@ from sandbox.errors import (
 )
 from sandbox.limits import Limits
 from sandbox.outcome import InvocationResult
+from sandbox.security import channel_credentials
 from sandbox.wire import (
     CONTENT_TYPES,
     DEFAULT_MAX_MESSAGE_BYTES,
@@ -290,6 +299,29 @@ def _channel_options(max_message_bytes: int) -> list[tuple[str, Any]]:
             ("grpc.max_send_message_length", max_message_bytes)]
 
 
+_Pem = str | os.PathLike[str] | bytes | None
+Metadata = tuple[tuple[str, str], ...]
+
+
+def _security(tls: bool, tls_ca: _Pem, tls_cert: _Pem, tls_key: _Pem, token: str | None
+              ) -> tuple[grpc.ChannelCredentials | None, Metadata]:
+    """The channel's TLS credentials (None: plaintext) and the metadata of every call."""
+    credentials = None
+    if tls or tls_ca is not None or tls_cert is not None or tls_key is not None:
+        credentials = channel_credentials(tls_ca, tls_cert, tls_key)
+    metadata: Metadata = ()
+    if token is not None:
+        if not token or not token.isascii() or not token.isprintable() or " " in token:
+            raise ConfigurationError("token must be non-empty printable ASCII without spaces")
+        metadata = (("authorization", f"Bearer {token}"),)
+    return credentials, metadata
+
+
+def _merge(base: Metadata, extra: Sequence[tuple[str, str]]) -> Metadata | None:
+    merged = (*base, *extra) if extra else base
+    return merged or None
+
+
 # ---------------------------------------------------------------------------------------------
 # Blocking client
 
@@ -329,18 +361,34 @@ class Client:
     """Blocking client. ``timeout`` (seconds) is each call's default deadline.
 
     Args:
-        target: ``host:port`` (any gRPC target, e.g. ``dns:///svc:50051``).
+        target: ``host:port`` (any gRPC target, e.g. ``dns:///svc:50051``, ``unix:PATH``).
         channel: use this channel instead of making one (the client will not close it).
         timeout: default deadline of every call, seconds (None: no deadline).
         max_message_bytes: largest request this client sends.
+        tls: connect over TLS (implied by any ``tls_*``); the server is verified against
+            ``tls_ca`` (a PEM file or its bytes), else the system's roots.
+        tls_cert, tls_key: this client's certificate and key, for a server that requires one
+            (mTLS).
+        token: sent as ``authorization: Bearer TOKEN`` with every call.
+
+    Raises:
+        ConfigurationError: a TLS file cannot be read, only one of cert and key, a bad token.
     """
 
     def __init__(self, target: str = DEFAULT_TARGET, *, channel: grpc.Channel | None = None,
                  timeout: float | None = None,
-                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, tls: bool = False,
+                 tls_ca: _Pem = None, tls_cert: _Pem = None, tls_key: _Pem = None,
+                 token: str | None = None) -> None:
+        credentials, self._metadata = _security(tls, tls_ca, tls_cert, tls_key, token)
         self._own = channel is None
-        self.channel = channel if channel is not None else grpc.insecure_channel(
-            target, options=_channel_options(max_message_bytes))
+        options = _channel_options(max_message_bytes)
+        if channel is not None:
+            self.channel = channel
+        elif credentials is not None:
+            self.channel = grpc.secure_channel(target, credentials, options=options)
+        else:
+            self.channel = grpc.insecure_channel(target, options=options)
         self.stub = pb_grpc.SandboxStub(self.channel)  # type: ignore[no-untyped-call]
         self.timeout = timeout
 
@@ -357,9 +405,11 @@ class Client:
     def _timeout(self, timeout: float | None) -> float | None:
         return timeout if timeout is not None else self.timeout
 
-    def _unary(self, method: Any, request: Any, timeout: float | None) -> Any:
+    def _unary(self, method: Any, request: Any, timeout: float | None,
+               metadata: Sequence[tuple[str, str]] = ()) -> Any:
         try:
-            return method(request, timeout=self._timeout(timeout))
+            return method(request, timeout=self._timeout(timeout),
+                          metadata=_merge(self._metadata, metadata))
         except grpc.RpcError as exc:
             raise _translate(exc) from exc
 
@@ -405,24 +455,29 @@ class Client:
     def invoke(self, function: str, event: Any = None, *, version: int | None = None,
                limits: Limits | None = None, id: str | None = None,
                content_type: str = MSGPACK, payload: bytes | None = None,
-               timeout: float | None = None) -> InvocationResult:
-        """Invoke once. ``timeout`` is the call's deadline and caps the wall timeout."""
+               timeout: float | None = None,
+               metadata: Sequence[tuple[str, str]] = ()) -> InvocationResult:
+        """Invoke once. ``timeout`` is the call's deadline and caps the wall timeout;
+        ``metadata`` goes with the call (e.g. a W3C ``traceparent`` the server's trace
+        continues)."""
         request = _invoke_request(function, event, version=version, limits=limits, id=id,
                                   content_type=content_type, payload=payload)
-        return _result(self._unary(self.stub.Invoke, request, timeout))
+        return _result(self._unary(self.stub.Invoke, request, timeout, metadata))
 
     def stream(self, function: str, event: Any = None, *, version: int | None = None,
                limits: Limits | None = None, id: str | None = None,
                content_type: str = MSGPACK, payload: bytes | None = None,
-               timeout: float | None = None) -> ResultStream:
+               timeout: float | None = None,
+               metadata: Sequence[tuple[str, str]] = ()) -> ResultStream:
         """Invoke a generator function: iterate for its chunks, then ``.result()``."""
         request = _invoke_request(function, event, version=version, limits=limits, id=id,
                                   content_type=content_type, payload=payload)
-        call = self.stub.InvokeStream(_stream_request(request), timeout=self._timeout(timeout))
+        call = self.stub.InvokeStream(_stream_request(request), timeout=self._timeout(timeout),
+                                      metadata=_merge(self._metadata, metadata))
         return ResultStream(call, content_type)
 
     def invoke_many(self, invocations: Iterable[Invocation | str], *,
-                    timeout: float | None = None
+                    timeout: float | None = None, metadata: Sequence[tuple[str, str]] = ()
                     ) -> Iterator[InvocationResult | InvocationRejected]:
         """Run many invocations over one stream; results in completion order.
 
@@ -431,7 +486,8 @@ class Client:
         match results (else the server numbers them from 0 in order).
         """
         call = self.stub.InvokeMany((_many_request(i) for i in invocations),
-                                    timeout=self._timeout(timeout))
+                                    timeout=self._timeout(timeout),
+                                    metadata=_merge(self._metadata, metadata))
         try:
             for msg in call:
                 yield _many_response(msg)
@@ -496,10 +552,18 @@ class AsyncClient:
 
     def __init__(self, target: str = DEFAULT_TARGET, *, channel: grpc.aio.Channel | None = None,
                  timeout: float | None = None,
-                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, tls: bool = False,
+                 tls_ca: _Pem = None, tls_cert: _Pem = None, tls_key: _Pem = None,
+                 token: str | None = None) -> None:
+        credentials, self._metadata = _security(tls, tls_ca, tls_cert, tls_key, token)
         self._own = channel is None
-        self.channel = channel if channel is not None else grpc.aio.insecure_channel(
-            target, options=_channel_options(max_message_bytes))
+        options = _channel_options(max_message_bytes)
+        if channel is not None:
+            self.channel = channel
+        elif credentials is not None:
+            self.channel = grpc.aio.secure_channel(target, credentials, options=options)
+        else:
+            self.channel = grpc.aio.insecure_channel(target, options=options)
         self.stub = pb_grpc.SandboxStub(self.channel)  # type: ignore[no-untyped-call]
         self.timeout = timeout
 
@@ -516,9 +580,11 @@ class AsyncClient:
     def _timeout(self, timeout: float | None) -> float | None:
         return timeout if timeout is not None else self.timeout
 
-    async def _unary(self, method: Any, request: Any, timeout: float | None) -> Any:
+    async def _unary(self, method: Any, request: Any, timeout: float | None,
+                     metadata: Sequence[tuple[str, str]] = ()) -> Any:
         try:
-            return await method(request, timeout=self._timeout(timeout))
+            return await method(request, timeout=self._timeout(timeout),
+                                metadata=_merge(self._metadata, metadata))
         except grpc.RpcError as exc:
             raise _translate(exc) from exc
 
@@ -558,23 +624,27 @@ class AsyncClient:
     async def invoke(self, function: str, event: Any = None, *, version: int | None = None,
                      limits: Limits | None = None, id: str | None = None,
                      content_type: str = MSGPACK, payload: bytes | None = None,
-                     timeout: float | None = None) -> InvocationResult:
+                     timeout: float | None = None,
+                     metadata: Sequence[tuple[str, str]] = ()) -> InvocationResult:
         """Invoke once; cancelling the awaiting task cancels the call and kills the worker."""
         request = _invoke_request(function, event, version=version, limits=limits, id=id,
                                   content_type=content_type, payload=payload)
-        return _result(await self._unary(self.stub.Invoke, request, timeout))
+        return _result(await self._unary(self.stub.Invoke, request, timeout, metadata))
 
     def stream(self, function: str, event: Any = None, *, version: int | None = None,
                limits: Limits | None = None, id: str | None = None,
                content_type: str = MSGPACK, payload: bytes | None = None,
-               timeout: float | None = None) -> AsyncResultStream:
+               timeout: float | None = None,
+               metadata: Sequence[tuple[str, str]] = ()) -> AsyncResultStream:
         request = _invoke_request(function, event, version=version, limits=limits, id=id,
                                   content_type=content_type, payload=payload)
-        call = self.stub.InvokeStream(_stream_request(request), timeout=self._timeout(timeout))
+        call = self.stub.InvokeStream(_stream_request(request), timeout=self._timeout(timeout),
+                                      metadata=_merge(self._metadata, metadata))
         return AsyncResultStream(call, content_type)
 
     async def invoke_many(self, invocations: Iterable[Invocation | str]
-                          | AsyncIterable[Invocation | str], *, timeout: float | None = None
+                          | AsyncIterable[Invocation | str], *, timeout: float | None = None,
+                          metadata: Sequence[tuple[str, str]] = ()
                           ) -> AsyncIterator[InvocationResult | InvocationRejected]:
         """Like :meth:`Client.invoke_many`; ``invocations`` may be an async iterable."""
         async def requests() -> AsyncIterator[pb.InvokeManyRequest]:
@@ -585,7 +655,8 @@ class AsyncClient:
                 for item in invocations:
                     yield _many_request(item)
 
-        call = self.stub.InvokeMany(requests(), timeout=self._timeout(timeout))
+        call = self.stub.InvokeMany(requests(), timeout=self._timeout(timeout),
+                                    metadata=_merge(self._metadata, metadata))
         try:
             async for msg in call:
                 yield _many_response(msg)

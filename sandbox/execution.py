@@ -72,6 +72,8 @@ class Execution:
         self.received_ns = 0
         self.oom_before = 0
         self.cpu_before = 0.0
+        #: the call's trace id, handed to the function as ``context.trace_id`` (None: none)
+        self.trace_id: str | None = None
         self._timers: list[asyncio.TimerHandle] = []
 
     # events from the worker -------------------------------------------------------------------
@@ -208,6 +210,8 @@ class Execution:
             "ct": self.content_type, "limits": wire_dict(self.limits), "timeout": self.timeout_s,
             "last": self.last,
         }
+        if self.trace_id is not None:
+            message["trace"] = self.trace_id
         self.started = time.monotonic()
         if self.timeout_s is not None:
             self._timers.append(self.loop.call_later(self.timeout_s, self._on_deadline))

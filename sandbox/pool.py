@@ -48,6 +48,7 @@ from sandbox.handles import (
     ZygoteHandle,
 )
 from sandbox.limits import Limits, format_size
+from sandbox.observe import Observer, Observers
 
 if TYPE_CHECKING:
     from sandbox.cgroups import CgroupManager, WorkerCgroup
@@ -131,8 +132,11 @@ class Pool:
                  slots: SlotAllocator, isolation: Mapping[str, Any] | None = None,
                  netns_fd: int = -1, gc_freeze: bool = True,
                  default_limits: Limits | None = None, max_idle: int | None = None,
-                 idle_ttl_s: float = 60.0, max_births: int | None = None) -> None:
+                 idle_ttl_s: float = 60.0, max_births: int | None = None,
+                 observer: Observer | None = None) -> None:
         self.profile = profile
+        #: told of births, failed births and zygote starts (the runtime's fan-out)
+        self.observer = observer if observer is not None else Observers()
         self.gc_freeze = gc_freeze
         self.default_limits = default_limits
         self.slots = slots
@@ -207,8 +211,15 @@ class Pool:
             zyg.close()
             raise WorkerStartError(f"pool {self.profile!r} is closed")
         self.zygote = zyg
-        log.info("zygote %s ready (pid %s, %s preloaded, rss %s)", self.profile, zyg.pid,
-                 list(self.modules), format_size(zyg.rss_bytes))
+        replacement = self.zygote_starts > 1
+        log.info("zygote %s %s (pid %s, %s preloaded, rss %s)", self.profile,
+                 "replaced" if replacement else "ready", zyg.pid, list(self.modules),
+                 format_size(zyg.rss_bytes),
+                 extra={"event": "zygote_replace" if replacement else "zygote_start",
+                        "fields": {"profile": self.profile, "pid": zyg.pid,
+                                   "modules": list(self.modules),
+                                   "rss_bytes": zyg.rss_bytes}})
+        self.observer.zygote_started(self.profile, zyg.pid or 0, replacement)
         return zyg
 
     def _on_zygote_death(self, zyg: ZygoteHandle) -> None:
@@ -320,8 +331,11 @@ class Pool:
 
     def _record_birth(self, worker: WorkerHandle) -> None:
         self.births += 1
-        if worker.ready_ns and worker.requested_ns:
-            self.demand.born((worker.ready_ns - worker.requested_ns) / 1e9)
+        seconds = (worker.ready_ns - worker.requested_ns) / 1e9 \
+            if worker.ready_ns and worker.requested_ns else None
+        if seconds is not None:
+            self.demand.born(seconds)
+        self.observer.worker_born(self.profile, seconds or 0.0)
         phases = worker.birth_phases()
         if phases:
             self._birth_records.append(
@@ -544,10 +558,14 @@ class Pool:
             # or a third failure in a row, is theirs to see.
             transient = isinstance(exc, WorkerStartError) and self._refill_failures < 3
             waiter = None if transient else self._next_acquirer()
+            if not self.closed:
+                self.observer.birth_failed(self.profile, exc)
             if waiter is not None:
                 waiter.set_exception(exc)  # the caller learns why it got no worker
             elif not self.closed:
-                log.warning("pool %s: could not start a worker: %s", self.profile, exc)
+                log.warning("pool %s: could not start a worker: %s", self.profile, exc,
+                            extra={"event": "birth_failed",
+                                   "fields": {"profile": self.profile, "error": str(exc)}})
             if self._refill_failures >= 20:
                 # Births keep failing: every waiting caller gets the error now, and the pool
                 # tries again only when a new call comes.
@@ -627,6 +645,13 @@ class Pool:
             if refill:
                 self.refill()
             await waiter
+
+    def counts(self) -> dict[str, int]:
+        """Workers by state: ``idle`` (warm, or kept for a function's reuse), ``busy``,
+        ``starting``. Lengths and counters only, so any thread may read them (a scrape)."""
+        kept = sum(len(queue) for queue in list(self.reusable.values()))
+        return {"idle": len(self.idle) + kept, "busy": len(self.busy),
+                "starting": self.starting}
 
     def sizes(self) -> dict[str, Any]:
         now = asyncio.get_running_loop().time()

@@ -20,7 +20,8 @@ unpickled, evaluated or imported.
 message      dir    meaning
 ===========  =====  ==========================================================================
 ``ready``    W→S    the worker has confined itself and waits for work (pid, rss, posture)
-``invoke``   S→W    run the function once: id, function descriptor, event bytes, limits
+``invoke``   S→W    run the function once: id, function descriptor, event bytes, limits;
+                    ``trace``, the call's trace id, only when it has one
 ``chunk``    W→S    one value yielded by a generator function, already encoded
 ``result``   W→S    terminal: the encoded return value (empty for a generator)
 ``failed``   W→S    terminal: the function raised, its result could not be encoded, or the

@@ -3,13 +3,16 @@
 
 :func:`add_subcommands` adds them to an argparse subparsers object (``sandbox.cli`` does);
 each sets ``func=handler(args) -> int`` (the exit status). The client commands take
-``--target`` (default ``$SANDBOX_TARGET`` or ``localhost:50051``) and print JSON: ``invoke``
-prints the same object as ``sandbox run``.
+``--target`` (default ``$SANDBOX_TARGET`` or ``localhost:50051``), ``--tls-ca`` (and
+``--tls-cert``/``--tls-key`` for mTLS) and ``--token`` (default ``$SANDBOX_TOKEN``), and print
+JSON: ``invoke`` prints the same object as ``sandbox run``.
 
 Exit status: 0 success (``invoke``: outcome OK); 1 ``invoke`` ended with another outcome; 2 the
 call itself failed (unknown function, bad request, server unavailable...), message on stderr.
 
     sandbox serve --listen 127.0.0.1:50051 --state-dir ./state --preload json
+    sandbox serve --listen 0.0.0.0:50051 --tls-cert srv.pem --tls-key srv.key \
+                  --auth-tokens tokens.txt --metrics-listen 127.0.0.1:9464 --log-format json
     sandbox deploy --target localhost:50051 add add.py --handler add:handler
     sandbox invoke add '{"a": 1}'
 """
@@ -21,7 +24,6 @@ import asyncio
 import base64
 import dataclasses
 import json
-import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -100,11 +102,13 @@ def _fail(exc: BaseException) -> int:
 # Handlers
 
 def _serve(args: argparse.Namespace) -> int:
-    from sandbox.server import serve
+    from sandbox.logs import configure
+    from sandbox.server import Security, serve
 
-    logging.basicConfig(
-        level=getattr(logging, args.log_level.upper()),
-        format="%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s")
+    configure(args.log_format, args.log_level)
+    security = Security(tls_cert=args.tls_cert, tls_key=args.tls_key,
+                        tls_client_ca=args.tls_client_ca, auth_tokens=args.auth_tokens,
+                        insecure=args.insecure)
     try:
         defaults = parse_limits(args.limit, DEFAULT_LIMITS)
         max_limits = parse_limits(args.max_limit)
@@ -113,7 +117,11 @@ def _serve(args: argparse.Namespace) -> int:
     preload = [[m.strip() for m in item.split(",") if m.strip()] for item in args.preload]
 
     def ready(host: str, port: int) -> None:
-        print(f"sandbox listening on {host}:{port}", flush=True)
+        print(f"sandbox listening on {host}:{port}" if port else f"sandbox listening on {host}",
+              flush=True)
+
+    def metrics_ready(url: str) -> None:
+        print(f"sandbox metrics on {url}", flush=True)
 
     try:
         asyncio.run(serve(
@@ -121,7 +129,9 @@ def _serve(args: argparse.Namespace) -> int:
             min_idle=args.min_idle, max_idle=args.max_idle, idle_ttl_s=args.idle_ttl,
             max_concurrency=args.workers, max_queue=args.max_queue,
             grace_s=args.grace, invoke_many_window=args.invoke_many_window,
-            max_message_bytes=args.max_message_size, ready=ready, isolation=args.isolation))
+            max_message_bytes=args.max_message_size, ready=ready, isolation=args.isolation,
+            security=security, metrics_listen=args.metrics_listen,
+            metrics_ready=metrics_ready))
     except SandboxError as exc:
         return _fail(exc)
     return 0
@@ -130,7 +140,8 @@ def _serve(args: argparse.Namespace) -> int:
 def _client(args: argparse.Namespace) -> Any:
     from sandbox.client import Client
 
-    return Client(args.target, timeout=args.timeout)
+    return Client(args.target, timeout=args.timeout, tls_ca=args.tls_ca,
+                  tls_cert=args.tls_cert, tls_key=args.tls_key, token=args.token or None)
 
 
 def _positive_int(text: str) -> int:
@@ -226,6 +237,14 @@ def _add_target(parser: argparse.ArgumentParser) -> None:
                              "%(default)s)")
     parser.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
                         help="deadline of the call (caps the function's wall timeout)")
+    parser.add_argument("--tls-ca", default=None, metavar="FILE",
+                        help="connect over TLS, verifying the server with this CA (PEM)")
+    parser.add_argument("--tls-cert", default=None, metavar="FILE",
+                        help="this client's certificate (PEM), for a server that requires one")
+    parser.add_argument("--tls-key", default=None, metavar="FILE",
+                        help="the key of --tls-cert (PEM)")
+    parser.add_argument("--token", default=os.environ.get("SANDBOX_TOKEN"), metavar="TOKEN",
+                        help="bearer token sent with every call (default: $SANDBOX_TOKEN)")
 
 
 def _add_limit(parser: argparse.ArgumentParser, flag: str = "--limit", what: str = "") -> None:
@@ -241,8 +260,9 @@ def add_subcommands(subparsers: Any) -> None:
                               description="Run the gRPC server until SIGTERM/SIGINT, then "
                                           "drain.")
     p.add_argument("--listen", default=DEFAULT_LISTEN, metavar="ADDR",
-                   help="address to listen on, host:port; port 0 picks one (default: "
-                        "%(default)s)")
+                   help="address to listen on, host:port (port 0 picks one) or unix:PATH "
+                        "(mode 0600); a non-loopback address needs --tls-cert, --tls-key and "
+                        "--auth-tokens, or --insecure (default: %(default)s)")
     p.add_argument("--state-dir", default=None, metavar="DIR",
                    help="where deployed functions persist (default: $SANDBOX_STATE_DIR, else "
                         "~/.local/state/sandbox)")
@@ -275,7 +295,25 @@ def add_subcommands(subparsers: Any) -> None:
     p.add_argument("--max-message-size", type=parse_size, default=64 * 1024 * 1024,
                    metavar="SIZE", help="largest request accepted (default: 64MiB)")
     p.add_argument("--log-level", default="info",
-                   choices=["debug", "info", "warning", "error"])
+                   choices=["debug", "info", "warning", "error"],
+                   help="info includes one access-log line per invocation (default: "
+                        "%(default)s)")
+    p.add_argument("--log-format", default="text", choices=["text", "json"],
+                   help="stderr lines for a terminal, or one JSON object per line (default: "
+                        "%(default)s)")
+    p.add_argument("--metrics-listen", default=None, metavar="HOST:PORT",
+                   help="serve Prometheus metrics on http://HOST:PORT/metrics (port 0 picks "
+                        "one)")
+    p.add_argument("--tls-cert", default=None, metavar="FILE",
+                   help="serve over TLS with this certificate (PEM; with --tls-key)")
+    p.add_argument("--tls-key", default=None, metavar="FILE", help="the key of --tls-cert")
+    p.add_argument("--tls-client-ca", default=None, metavar="FILE",
+                   help="require client certificates signed by this CA (mTLS)")
+    p.add_argument("--auth-tokens", default=None, metavar="FILE",
+                   help="require a bearer token: one 'ROLE TOKEN' per line, ROLE invoke or "
+                        "admin, TOKEN the secret or sha256:HEX; reloaded on SIGHUP")
+    p.add_argument("--insecure", action="store_true",
+                   help="allow a non-loopback --listen without TLS and tokens")
     p.set_defaults(func=_serve)
 
     p = subparsers.add_parser("deploy", help="deploy a function to a server")

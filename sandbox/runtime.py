@@ -50,6 +50,7 @@ from sandbox.errors import (
     ConfigurationError,
     InvalidRequest,
     ProtocolError,
+    SandboxError,
     ShuttingDown,
 )
 from sandbox.execution import Execution, build_result
@@ -57,6 +58,7 @@ from sandbox.functions import FunctionInfo
 from sandbox.handles import STREAM_BUFFER_CHUNKS
 from sandbox.host import Host
 from sandbox.limits import DEFAULT_LIMITS, Limits, resolve
+from sandbox.observe import CALL_ORIGIN, InvocationRecord, Observer, Observers, rejection_reason
 from sandbox.outcome import ErrorInfo, InvocationResult, Outcome, Stats
 from sandbox.pool import Pool, default_max_idle, summarize_ms
 from sandbox.registry import Registry
@@ -98,6 +100,12 @@ class _Call:
     deadline: float | None
     id: str
     ticket: Ticket
+    #: what observers see of the call (None when nobody observes and no origin was given)
+    record: InvocationRecord | None = None
+    #: the result, kept when the caller went away before it was delivered (for observers)
+    result: InvocationResult | None = None
+    #: observers were told how it ended
+    reported: bool = False
 
 
 class AsyncRuntime:
@@ -207,6 +215,8 @@ class AsyncRuntime:
             maxlen=1024)
         self._pools: dict[str, Pool] = {}
         self._admission = Admission(max_concurrency, max_queue)
+        #: who is told what happens (metrics, access log, traces): see sandbox.observe
+        self._observers = Observers()
         self._started = False
         self._closing = False
         self._closed = False
@@ -238,7 +248,10 @@ class AsyncRuntime:
             self._isolation_report = first.zygote.isolation_report
         self.started_at = time.time()
         log.info("runtime %s started: profiles %s, isolation %s", self.instance,
-                 list(self._profiles), self.isolation_summary())
+                 list(self._profiles), self.isolation_summary(),
+                 extra={"event": "start", "fields": {
+                     "instance": self.instance, "profiles": list(self._profiles),
+                     "isolation": self.isolation_summary()}})
 
     def isolation_summary(self) -> str:
         report = self._isolation_report
@@ -256,7 +269,8 @@ class AsyncRuntime:
                     isolation=host.pool_isolation(), netns_fd=host.netns_fd,
                     gc_freeze=self.gc_freeze,
                     default_limits=resolve(None, None, self.limits, self.max_limits),
-                    max_idle=self.max_idle, idle_ttl_s=self.idle_ttl_s)
+                    max_idle=self.max_idle, idle_ttl_s=self.idle_ttl_s,
+                    observer=self._observers)
         self._pools[name] = pool
         await pool.start()
 
@@ -316,6 +330,24 @@ class AsyncRuntime:
     @property
     def closed(self) -> bool:
         return self._closing
+
+    # observers ----------------------------------------------------------------------------------
+    def add_observer(self, observer: Observer) -> None:
+        """Tell ``observer`` (a :class:`sandbox.observe.Observer`) about every invocation,
+        birth, zygote start and refused call from now on (on the runtime's event loop)."""
+        self._observers.add(observer)
+
+    def remove_observer(self, observer: Observer) -> None:
+        self._observers.remove(observer)
+
+    def gauges(self) -> dict[str, Any]:
+        """Calls queued and running, and each pool's workers by state (``idle``, ``busy``,
+        ``starting``). Reads counters only, so any thread may call it (a metrics scrape)."""
+        return {
+            "queued": self._admission.queued,
+            "running": self._admission.running,
+            "pools": {name: pool.counts() for name, pool in list(self._pools.items())},
+        }
 
     # functions ----------------------------------------------------------------------------------
     def register(
@@ -420,17 +452,40 @@ class AsyncRuntime:
                payload: bytes | None, content_type: str, deadline: float | None,
                invocation_id: str | None) -> _Call:
         """Validate a call and admit it (or raise); nothing runs yet."""
-        fn, data, effective = self._prepare(name, event, version, limits, payload, content_type)
-        ticket = self._admission.admit()
-        return _Call(fn, data, content_type, effective, deadline,
+        try:
+            fn, data, effective = self._prepare(name, event, version, limits, payload,
+                                                content_type)
+            ticket = self._admission.admit()
+        except SandboxError as exc:
+            if self._observers:
+                self._observers.rejected(rejection_reason(exc), name)
+            raise
+        call = _Call(fn, data, content_type, effective, deadline,
                      invocation_id or f"{self._id_base}{next(self._id_counter):012x}", ticket)
+        origin = CALL_ORIGIN.get()
+        if self._observers or origin is not None:
+            call.record = InvocationRecord(call.id, fn.name, fn.version, fn.profile,
+                                           effective.memory_bytes, time.time_ns(), origin)
+            self._observers.invocation_started(call.record)
+        return call
 
     def _spawn_task(self, call: _Call, chunk_sink: Any = None) -> asyncio.Task[InvocationResult]:
         task = asyncio.ensure_future(self._execute(call, chunk_sink))
         call.ticket.task = task
-        # A task cancelled before it ever ran never enters _execute: admission forgets it here.
-        task.add_done_callback(lambda _: self._admission.over(call.ticket))
+        # A task cancelled before it ever ran never enters _execute: admission forgets it here
+        # (and observers hear that it ended CANCELLED).
+        task.add_done_callback(lambda _: self._never_ran(call))
         return task
+
+    def _never_ran(self, call: _Call) -> None:
+        self._admission.over(call.ticket)
+        if call.record is not None and not call.reported:
+            self._report(call, _cancelled(call.id, 0.0))
+
+    def _report(self, call: _Call, result: InvocationResult) -> None:
+        assert call.record is not None
+        call.reported = True
+        self._observers.invocation_finished(call.record, result)
 
     @staticmethod
     def _swallow_our_cancel() -> None:
@@ -442,6 +497,26 @@ class AsyncRuntime:
             task.uncancel()
 
     async def _execute(self, call: _Call, chunk_sink: Any = None) -> InvocationResult:
+        """Run an admitted call; observers hear how it ended, exactly once."""
+        if call.record is None:
+            return await self._dispatch(call, chunk_sink)
+        t0 = time.monotonic()
+        try:
+            result = await self._dispatch(call, chunk_sink)
+        except asyncio.CancelledError:
+            # The caller went away: the call ended CANCELLED (its result, if it had one).
+            if not call.reported:
+                self._report(call, call.result or _cancelled(call.id, time.monotonic() - t0))
+            raise
+        except BaseException as exc:
+            if not call.reported:
+                call.reported = True
+                self._observers.invocation_failed(call.record, exc)
+            raise
+        self._report(call, result)
+        return result
+
+    async def _dispatch(self, call: _Call, chunk_sink: Any = None) -> InvocationResult:
         ticket, invocation_id = call.ticket, call.id
         t0 = time.monotonic()
         ticket.entered = True
@@ -488,6 +563,8 @@ class AsyncRuntime:
         last = worker.served + 1 >= fn.reuse
         execution = Execution(worker, fn, invocation_id, call.data, content_type, limits, timeout,
                               last, chunk_sink)
+        if call.record is not None:
+            execution.trace_id = call.record.trace_id
         ticket.execution = execution
         ticket.started.set()
         if ticket.cancelled:
@@ -531,6 +608,7 @@ class AsyncRuntime:
         # Refill after that too, for the same reason.
         loop.call_soon(loop.call_soon, pool.refill)
         if caller_cancelled and not ticket.cancelled:
+            call.result = result
             raise asyncio.CancelledError
         return result
 
@@ -1033,6 +1111,18 @@ class Runtime:
 
     def add_profile(self, name: str, modules: Sequence[str]) -> None:
         self._call(self._rt.add_profile(name, modules))
+
+    def add_observer(self, observer: Observer) -> None:
+        """See :meth:`AsyncRuntime.add_observer` (its methods run on the runtime's loop
+        thread)."""
+        self._in_loop(self._rt.add_observer, observer)
+
+    def remove_observer(self, observer: Observer) -> None:
+        self._in_loop(self._rt.remove_observer, observer)
+
+    def gauges(self) -> dict[str, Any]:
+        """See :meth:`AsyncRuntime.gauges` (safe from any thread)."""
+        return self._rt.gauges()
 
     def invoke(self, name: str, event: Any = None, **kwargs: Any) -> InvocationResult:
         """See :meth:`AsyncRuntime.invoke`. Ctrl-C while waiting kills the worker."""

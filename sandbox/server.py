@@ -18,6 +18,13 @@
   object exists; deployed functions are reloaded from the state directory; SIGTERM or SIGINT
   drains (health NOT_SERVING, new calls refused, in-flight calls get a grace period, then
   everything below the supervisor is killed).
+- Operating it (:func:`serve`'s options): TLS and bearer tokens (:mod:`sandbox.security`, the
+  tokens file reloaded on SIGHUP), a listen policy (no non-local address without both, unless
+  ``insecure``), Prometheus metrics on their own HTTP port (:mod:`sandbox.metrics`), one
+  access-log record per invocation (:mod:`sandbox.logs`), and OpenTelemetry traces when the
+  environment asks for them and the ``otel`` extra is installed (:mod:`sandbox.tracing`). The
+  servicer tells the runtime where each call came from (peer, ``traceparent``) through
+  :data:`sandbox.observe.CALL_ORIGIN`.
 """
 
 from __future__ import annotations
@@ -52,7 +59,15 @@ from sandbox.errors import (
     ShuttingDown,
 )
 from sandbox.limits import Limits
+from sandbox.observe import CALL_ORIGIN, Origin, otel_requested
 from sandbox.outcome import InvocationResult, Outcome
+from sandbox.security import (
+    AuthInterceptor,
+    TokenTable,
+    check_listen,
+    server_credentials,
+    unix_socket_path,
+)
 from sandbox.store import FunctionStore, StoredFunction, check_name, profile_name
 from sandbox.wire import (
     CONTENT_TYPES,
@@ -74,6 +89,7 @@ __all__ = [
     "SERVICE_NAME",
     "STATUS_TABLE",
     "SandboxServicer",
+    "Security",
     "create_server",
     "limits_from_proto",
     "limits_to_proto",
@@ -99,6 +115,17 @@ STATUS_TABLE: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (ConfigurationError, grpc.StatusCode.FAILED_PRECONDITION),
     (TimeoutError, grpc.StatusCode.DEADLINE_EXCEEDED),
 )
+
+
+#: The metadata keys of the W3C trace context, passed on to the runtime's observers.
+TRACE_HEADERS = ("traceparent", "tracestate")
+
+
+def _origin(context: grpc.aio.ServicerContext) -> Origin:
+    """Where a call comes from: the peer, and the trace context of its metadata."""
+    headers = {key: value for key, value in context.invocation_metadata() or ()
+               if key in TRACE_HEADERS and isinstance(value, str)}
+    return Origin(peer=context.peer() or "", trace_headers=headers)
 
 
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
@@ -237,6 +264,7 @@ class SandboxServicer(pb_grpc.SandboxServicer):
         async with self._call(context):
             deadline = _deadline(context)
             kwargs = _invoke_kwargs(request, deadline)
+            CALL_ORIGIN.set(_origin(context))  # this handler's task only
             result = await self.runtime.invoke(request.function, **kwargs)
             _check_deadline(result, deadline)
             return result_to_proto(result, kwargs["content_type"])
@@ -247,6 +275,7 @@ class SandboxServicer(pb_grpc.SandboxServicer):
         async with self._call(context):
             deadline = _deadline(context)
             kwargs = _invoke_kwargs(request, deadline)
+            CALL_ORIGIN.set(_origin(context))
             stream = self.runtime.stream(request.function, raw=True, **kwargs)
             finished = False
             try:
@@ -267,6 +296,7 @@ class SandboxServicer(pb_grpc.SandboxServicer):
                          ) -> AsyncIterator[pb.InvokeManyResponse]:
         async with self._call(context):
             pass  # refuse the stream while draining
+        CALL_ORIGIN.set(_origin(context))  # the stream's reader task inherits it
         many = _InvokeMany(self, request_iterator, _deadline(context))
         async for response in many.run():
             yield response
@@ -487,7 +517,8 @@ def _runtime_limits(runtime: AsyncRuntime, info: Mapping[str, Any], key: str) ->
 
 @dataclasses.dataclass(slots=True)
 class ServerHandle:
-    """What :func:`create_server` made: the server, its servicers, and the bound port."""
+    """What :func:`create_server` made: the server, its servicers, and the bound port (0 for
+    a unix socket)."""
 
     server: grpc.aio.Server
     port: int
@@ -507,14 +538,21 @@ class ServerHandle:
 def create_server(runtime: AsyncRuntime, address: str = "127.0.0.1:0", *,
                   store: FunctionStore | None = None,
                   invoke_many_window: int = DEFAULT_INVOKE_MANY_WINDOW,
-                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> ServerHandle:
+                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+                  credentials: grpc.ServerCredentials | None = None,
+                  interceptors: Sequence[grpc.aio.ServerInterceptor] = ()) -> ServerHandle:
     """A ``grpc.aio`` server (not started) serving ``sandbox.v1.Sandbox``, Health and
     Reflection on ``address``. Unpacks as ``server, port``; port 0 binds an ephemeral one.
+
+    Args:
+        address: ``host:port``, or ``unix:PATH`` (the socket is made mode 0600).
+        credentials: TLS (:func:`sandbox.security.server_credentials`); None: plaintext.
+        interceptors: server interceptors, the first outermost (metrics, then auth).
 
     Raises:
         ConfigurationError: the address cannot be bound.
     """
-    server = grpc.aio.server(options=[
+    server = grpc.aio.server(interceptors=list(interceptors), options=[
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", -1),  # results are bounded by max_result_bytes
         ("grpc.so_reuseport", 0),
@@ -527,12 +565,24 @@ def create_server(runtime: AsyncRuntime, address: str = "127.0.0.1:0", *,
     reflection.enable_server_reflection(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
          reflection.SERVICE_NAME), server)
+    socket_path = unix_socket_path(address)
+    # A unix socket is created owner-only (no window with the umask's mode), then checked.
+    umask = os.umask(0o177) if socket_path is not None else None
     try:
-        port = server.add_insecure_port(address)
+        if credentials is not None:
+            port = server.add_secure_port(address, credentials)
+        else:
+            port = server.add_insecure_port(address)
     except RuntimeError as exc:
         raise ConfigurationError(f"cannot listen on {address!r}: {exc}") from exc
+    finally:
+        if umask is not None:
+            os.umask(umask)
     if port == 0:
         raise ConfigurationError(f"cannot listen on {address!r}")
+    if socket_path is not None:
+        os.chmod(socket_path, 0o600)
+        port = 0
     return ServerHandle(server, port, servicer, health_servicer)
 
 
@@ -550,6 +600,39 @@ def default_state_dir() -> Path:
     base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local",
                                                              "state")
     return Path(base) / "sandbox"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Security:
+    """How ``sandbox serve`` guards its API (see :mod:`sandbox.security`)."""
+
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    #: clients must present a certificate this CA signed (mTLS)
+    tls_client_ca: str | None = None
+    #: the tokens file (``ROLE TOKEN`` lines), reloaded on SIGHUP
+    auth_tokens: str | None = None
+    #: allow a non-local address without TLS and tokens
+    insecure: bool = False
+
+    def check(self, address: str) -> tuple[grpc.ServerCredentials | None, TokenTable | None]:
+        """Load the credentials and the tokens, and apply the listen policy.
+
+        Raises:
+            ConfigurationError: a flag without its partner, a file that does not load, or a
+                non-local address without TLS and tokens (and not ``insecure``).
+        """
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ConfigurationError("give --tls-cert and --tls-key together")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ConfigurationError("--tls-client-ca needs --tls-cert and --tls-key")
+        credentials = None
+        if self.tls_cert is not None and self.tls_key is not None:
+            credentials = server_credentials(self.tls_cert, self.tls_key, self.tls_client_ca)
+        tokens = TokenTable(self.auth_tokens) if self.auth_tokens is not None else None
+        check_listen(address, tls=credentials is not None, auth=tokens is not None,
+                     insecure=self.insecure)
+        return credentials, tokens
 
 
 async def serve(
@@ -570,15 +653,26 @@ async def serve(
     ready: Callable[[str, int], None] | None = None,
     stop: asyncio.Event | None = None,
     isolation: str | None = None,
+    security: Security | None = None,
+    metrics_listen: str | None = None,
+    metrics_ready: Callable[[str], None] | None = None,
 ) -> None:
     """Run ``sandbox serve`` until SIGTERM/SIGINT (or ``stop`` is set), then drain.
 
     The runtime's zygotes start before any gRPC object exists. ``preload`` lists the profiles
     to warm at start (each a list of modules), besides those the stored functions need.
-    ``ready(host, port)`` is called once the server accepts calls.
+    ``ready(host, port)`` is called once the server accepts calls (``ready("unix:PATH", 0)``
+    on a unix socket); ``metrics_ready(url)`` once ``/metrics`` is served on
+    ``metrics_listen``. ``security`` is checked before anything starts.
+
+    Raises:
+        ConfigurationError: bad security settings, an address that cannot be bound, or a
+            listen policy refusal (nothing was started).
     """
+    from sandbox.logs import AccessLog
     from sandbox.runtime import AsyncRuntime  # the runtime pulls in the process machinery
 
+    credentials, tokens = (security or Security()).check(address)
     store = FunctionStore(default_state_dir() if state_dir is None else state_dir)
     try:
         profiles: dict[str, list[str]] = {}
@@ -595,40 +689,124 @@ async def serve(
         if limits is not None:
             runtime_kwargs["limits"] = limits
         runtime = AsyncRuntime(**runtime_kwargs)
-        await runtime.start()
-        try:
-            await _serve_runtime(runtime, store, address, grace_s=grace_s,
-                                 invoke_many_window=invoke_many_window,
-                                 max_message_bytes=max_message_bytes, ready=ready, stop=stop)
-        finally:
-            await runtime.aclose(grace_s=min(grace_s, 1.0))
+        runtime.add_observer(AccessLog())
+        async with contextlib.AsyncExitStack() as stack:
+            interceptors: list[grpc.aio.ServerInterceptor] = []
+            if metrics_listen is not None:
+                interceptor, url = _start_metrics(runtime, metrics_listen, stack)
+                interceptors.append(interceptor)
+                ready = _then(ready, metrics_ready, url)
+            _start_tracing(runtime, stack)
+            if tokens is not None:
+                interceptors.append(AuthInterceptor(tokens))
+            await runtime.start()
+            try:
+                await _serve_runtime(runtime, store, address, grace_s=grace_s,
+                                     invoke_many_window=invoke_many_window,
+                                     max_message_bytes=max_message_bytes, ready=ready,
+                                     stop=stop, credentials=credentials,
+                                     interceptors=interceptors, tokens=tokens)
+            finally:
+                await runtime.aclose(grace_s=min(grace_s, 1.0))
     finally:
         store.close()
+    log.info("stopped", extra={"event": "stop", "fields": {}})
+
+
+def _then(ready: Callable[[str, int], None] | None, metrics_ready: Callable[[str], None] | None,
+          url: str) -> Callable[[str, int], None]:
+    """``ready``, then ``metrics_ready(url)``: the server's address is announced first."""
+    def both(host: str, port: int) -> None:
+        if ready is not None:
+            ready(host, port)
+        if metrics_ready is not None:
+            metrics_ready(url)
+    return both
+
+
+def _start_metrics(runtime: AsyncRuntime, address: str, stack: contextlib.AsyncExitStack
+                   ) -> tuple[grpc.aio.ServerInterceptor, str]:
+    """Metrics of ``runtime`` (and of the process) served on ``address``; returns the gRPC
+    interceptor that counts RPCs, and the URL."""
+    from prometheus_client import (
+        CollectorRegistry,
+        GCCollector,
+        PlatformCollector,
+        ProcessCollector,
+    )
+
+    from sandbox.metrics import Metrics, serve_metrics
+
+    registry = CollectorRegistry()
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    GCCollector(registry=registry)
+    metrics = Metrics(runtime, registry)
+    http = serve_metrics(address, registry)
+    stack.callback(http.close)
+    log.info("metrics on %s", http.url, extra={"event": "metrics", "fields": {"url": http.url}})
+    return metrics.interceptor(), http.url
+
+
+def _start_tracing(runtime: AsyncRuntime, stack: contextlib.AsyncExitStack) -> None:
+    """Traces when the environment asks for them and the ``otel`` extra is installed."""
+    if not otel_requested():
+        return
+    import importlib.util
+
+    if importlib.util.find_spec("opentelemetry.sdk") is None:
+        log.warning("OTEL_* variables ask for traces, but the otel extra is not installed "
+                    "(pip install 'sandbox[otel]'): no traces",
+                    extra={"event": "tracing_unavailable", "fields": {}})
+        return
+    from sandbox.tracing import Tracing, provider_from_environment
+
+    provider = provider_from_environment()
+    stack.callback(provider.shutdown)  # flushes the spans not exported yet
+    Tracing(runtime, provider)
+    log.info("tracing: OpenTelemetry, exporters %s", os.environ.get("OTEL_TRACES_EXPORTER",
+                                                                    "otlp"),
+             extra={"event": "tracing", "fields": {
+                 "exporters": os.environ.get("OTEL_TRACES_EXPORTER", "otlp")}})
 
 
 async def _serve_runtime(runtime: AsyncRuntime, store: FunctionStore, address: str, *,
                          grace_s: float, invoke_many_window: int, max_message_bytes: int,
                          ready: Callable[[str, int], None] | None,
-                         stop: asyncio.Event | None) -> None:
+                         stop: asyncio.Event | None,
+                         credentials: grpc.ServerCredentials | None = None,
+                         interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+                         tokens: TokenTable | None = None) -> None:
     stop = stop if stop is not None else asyncio.Event()
     loop = asyncio.get_running_loop()
-    signals = (signal.SIGTERM, signal.SIGINT)
+    signals = [signal.SIGTERM, signal.SIGINT]
     for sig in signals:
         loop.add_signal_handler(sig, stop.set)
+    if tokens is not None:
+        loop.add_signal_handler(signal.SIGHUP, _reload_tokens, tokens)
+        signals.append(signal.SIGHUP)
     handle: ServerHandle | None = None
     try:
         handle = create_server(runtime, address, store=store,
                                invoke_many_window=invoke_many_window,
-                               max_message_bytes=max_message_bytes)
+                               max_message_bytes=max_message_bytes, credentials=credentials,
+                               interceptors=interceptors)
         await handle.servicer.load_store()
         await handle.server.start()
         await _set_serving(handle)
-        host = address.rsplit(":", 1)[0]
-        log.info("sandbox serving %s on %s:%d", SERVICE_NAME, host, handle.port)
+        host = address if handle.port == 0 else address.rsplit(":", 1)[0]
+        shown = host if handle.port == 0 else f"{host}:{handle.port}"
+        log.info("sandbox serving %s on %s (tls %s, auth %s)", SERVICE_NAME, shown,
+                 "on" if credentials is not None else "off",
+                 "on" if tokens is not None else "off",
+                 extra={"event": "listening", "fields": {
+                     "address": shown, "tls": credentials is not None,
+                     "auth": tokens is not None}})
         if ready is not None:
             ready(host, handle.port)
         await stop.wait()
-        log.info("draining: %.1f s grace for in-flight calls", grace_s)
+        log.info("draining: %.1f s grace for in-flight calls", grace_s,
+                 extra={"event": "drain", "fields": {"grace_s": grace_s}})
         await handle.drain(grace_s)
     finally:
         for sig in signals:
@@ -636,3 +814,15 @@ async def _serve_runtime(runtime: AsyncRuntime, store: FunctionStore, address: s
         if handle is not None:
             await handle.server.stop(0)
         sys.stdout.flush()
+
+
+def _reload_tokens(tokens: TokenTable) -> None:
+    """SIGHUP: read the tokens file again; calls in flight go on, a bad file changes nothing."""
+    try:
+        count = tokens.reload()
+    except ConfigurationError as exc:
+        log.error("tokens not reloaded, the previous ones stay in force: %s", exc,
+                  extra={"event": "auth_reload", "fields": {"ok": False, "error": str(exc)}})
+        return
+    log.info("tokens reloaded from %s: %d", tokens.path, count,
+             extra={"event": "auth_reload", "fields": {"ok": True, "tokens": count}})

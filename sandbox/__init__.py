@@ -24,6 +24,17 @@ if TYPE_CHECKING:
         SandboxError,
         ShuttingDown,
     )
+    from sandbox.executor import (
+        CallFailed,
+        CallOutOfMemory,
+        CallTimedOut,
+        CPULimitExceeded,
+        Executor,
+        FunctionError,
+        OutputLimitExceeded,
+        ResultNotSerializable,
+        WorkerCrashed,
+    )
     from sandbox.functions import FunctionInfo
     from sandbox.limits import DEFAULT_LIMITS, Limits, parse_size
     from sandbox.outcome import ErrorInfo, InvocationResult, Outcome, Stats
@@ -40,10 +51,16 @@ if TYPE_CHECKING:
 _EXPORTS = {
     "AsyncInvocation": "sandbox.runtime",
     "AsyncRuntime": "sandbox.runtime",
+    "CPULimitExceeded": "sandbox.executor",
+    "CallFailed": "sandbox.executor",
+    "CallOutOfMemory": "sandbox.executor",
+    "CallTimedOut": "sandbox.executor",
     "ConfigurationError": "sandbox.errors",
     "Context": "sandbox.worker",
     "DEFAULT_LIMITS": "sandbox.limits",
     "ErrorInfo": "sandbox.outcome",
+    "Executor": "sandbox.executor",
+    "FunctionError": "sandbox.executor",
     "FunctionInfo": "sandbox.functions",
     "FunctionNotFound": "sandbox.errors",
     "InvalidRequest": "sandbox.errors",
@@ -54,13 +71,16 @@ _EXPORTS = {
     "IsolationUnavailable": "sandbox.errors",
     "Limits": "sandbox.limits",
     "Outcome": "sandbox.outcome",
+    "OutputLimitExceeded": "sandbox.executor",
     "Overloaded": "sandbox.errors",
     "ProfileError": "sandbox.errors",
+    "ResultNotSerializable": "sandbox.executor",
     "Runtime": "sandbox.runtime",
     "SandboxError": "sandbox.errors",
     "ShuttingDown": "sandbox.errors",
     "Stats": "sandbox.outcome",
     "StreamIterator": "sandbox.runtime",
+    "WorkerCrashed": "sandbox.executor",
     "parse_size": "sandbox.limits",
 }
 

@@ -15,6 +15,11 @@ call itself or the runtime::
     ├── InvocationFailed            raised by ``InvocationResult.unwrap()`` for a non-OK outcome
     └── ProtocolError               a peer broke the wire protocol (internal; a worker doing
         └── FrameTooLarge           so is classified CRASHED, never propagated to a caller)
+
+:mod:`sandbox.executor` adds the exceptions a :class:`sandbox.Executor` call's future raises
+(``FunctionError``, and ``CallFailed`` with one subclass per outcome): they live there because
+``WorkerCrashed`` is also a ``concurrent.futures.process.BrokenProcessPool``, whose module this
+one, imported by every zygote, must not load.
 """
 
 from __future__ import annotations

@@ -102,6 +102,10 @@ def _fail(exc: BaseException) -> int:
 # Handlers
 
 def _serve(args: argparse.Namespace) -> int:
+    if args.log_format == "json":
+        # gRPC's C core writes its own (non-JSON) lines to stderr, e.g. for every failed TLS
+        # handshake: silenced unless the operator asks for them. Before grpc is imported.
+        os.environ.setdefault("GRPC_VERBOSITY", "NONE")
     from sandbox.logs import configure
     from sandbox.server import Security, serve
 

@@ -1,8 +1,11 @@
 """A real ``sandbox serve`` in a subprocess on an ephemeral loopback port, for the gRPC tests.
 
 :class:`ServerProcess` starts ``python -m sandbox.remote_cli serve --listen 127.0.0.1:0`` and
-reads the port from its first line of output; :meth:`ServerProcess.stop` sends SIGTERM, waits
-for the drain and checks that nothing the server started is still alive.
+reads the port from its first line of output (``--listen unix:PATH`` in ``args`` makes the
+target that socket; ``--metrics-listen`` in ``args`` makes it read the metrics URL from the
+second line); :meth:`ServerProcess.stop` sends SIGTERM, waits for the drain, keeps the rest of
+the server's stdout in ``stdout_rest`` and checks that nothing the server started is still
+alive. ``stderr``: a file for the server's logs (default: the test's own stderr).
 """
 
 from __future__ import annotations
@@ -27,28 +30,38 @@ STOP_TIMEOUT_S = 60.0
 class ServerProcess:
     """One ``sandbox serve`` subprocess."""
 
-    def __init__(self, state_dir: Path, *args: str, grace_s: float = 5.0) -> None:
+    def __init__(self, state_dir: Path, *args: str, grace_s: float = 5.0,
+                 stderr: Path | None = None, env: dict[str, str] | None = None) -> None:
         self.state_dir = state_dir
+        self.stdout_rest = ""
         cmd = [sys.executable, "-m", "sandbox.remote_cli", "serve", "--listen", "127.0.0.1:0",
                "--state-dir", str(state_dir), "--grace", str(grace_s), "--log-level",
                "warning", *args]
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=None,
-                                     text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        self.port = self._read_port()
-        self.target = f"127.0.0.1:{self.port}"
+        self._stderr = open(stderr, "w") if stderr is not None else None  # noqa: SIM115
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE,
+                                     stderr=self._stderr, text=True,
+                                     env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+        listening = self._read_line("listening on ").rsplit(" ", 1)[1]
+        if listening.startswith("unix:"):
+            self.port, self.target = 0, listening
+        else:
+            self.port = int(listening.rsplit(":", 1)[1])
+            self.target = f"127.0.0.1:{self.port}"
+        self.metrics_url = (self._read_line("metrics on ").rsplit(" ", 1)[1]
+                            if "--metrics-listen" in args else None)
         self.psutil = psutil.Process(self.proc.pid)
 
-    def _read_port(self) -> int:
+    def _read_line(self, expected: str) -> str:
         assert self.proc.stdout is not None
         line: list[str] = []
         reader = threading.Thread(target=lambda: line.append(self.proc.stdout.readline()),
                                   daemon=True)  # type: ignore[union-attr]
         reader.start()
         reader.join(START_TIMEOUT_S)
-        if not line or "listening on" not in line[0]:
+        if not line or expected not in line[0]:
             self.kill()
             raise RuntimeError(f"server did not start: {line!r}, exit {self.proc.poll()}")
-        return int(line[0].rsplit(":", 1)[1])
+        return line[0].strip()
 
     def descendants(self) -> list[psutil.Process]:
         """Live (non-zombie) processes below the server."""
@@ -78,12 +91,16 @@ class ServerProcess:
             self.terminate()
         try:
             status = self.wait()
+            if self.proc.stdout is not None:
+                self.stdout_rest = self.proc.stdout.read()
         except subprocess.TimeoutExpired:
             self.kill()
             raise
         finally:
             if self.proc.stdout is not None:
                 self.proc.stdout.close()
+            if self._stderr is not None:
+                self._stderr.close()
         alive = wait_gone(below)
         if alive:
             for p in alive:
@@ -102,6 +119,8 @@ class ServerProcess:
                 p.kill()
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.proc.wait(10)
+        if self._stderr is not None:
+            self._stderr.close()
 
 
 def wait_gone(procs: list[psutil.Process], timeout: float = 10.0) -> list[psutil.Process]:

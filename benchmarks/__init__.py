@@ -1,5 +1,6 @@
 """Benchmarks: cold start, latency (light load and sustained), throughput, timeouts, worker
-births, call phases, memory, and the SOCK/Forklift paper; and a soak (hostile sustained load,
+births, call phases, memory, the SOCK/Forklift paper and what metrics and access logs cost; and
+a soak (hostile sustained load,
 long: not part of `all`).
 
 Map of the package (each module one concept)::
@@ -10,6 +11,11 @@ Map of the package (each module one concept)::
     births.py       the births suite: births/s and the phases of a birth, all layers vs none
     calls.py        the calls suite: the phases of a call (the runtime's own breakdown), light
                     load and sustained, all layers vs none
+    observability.py  the observability suite: a gRPC Invoke with metrics + JSON access logs on
+                    vs off, same run, light load and sustained; the counters checked
+    executors.py    the executor suite: sandbox.Executor beside ProcessPoolExecutor, loky and
+                    pebble: a sustained map of a no-op, and what a timeout, an OOM and a
+                    segfault cost each (executor_work.py: what their workers run)
     soak.py         the soak suite: 20,000 calls, 16 callers, 10 % hostile; nothing lost, every
                     outcome right, the supervisor's RSS and fd slopes; no process left
     core.py         the Method interface, the method table, timing and statistics, machine info

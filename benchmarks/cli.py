@@ -19,7 +19,7 @@ from pathlib import Path
 
 SUITE_NAMES = (
     "coldstart", "latency", "sustained", "throughput", "timeouts", "births", "calls", "memory",
-    "paper",
+    "paper", "observability", "executor",
 )  # fmt: skip
 #: suites run only when named (long): not in `all`
 LONG_SUITES = ("soak",)
@@ -29,8 +29,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="sandbox bench",
         description="Cold start, latency (light load and sustained), throughput, timeout, "
-        "birth, call-phase and memory benchmarks (`all`); `soak` (long, only when named): "
-        "20,000 calls, 10 % hostile, nothing lost, supervisor memory and fds flat.",
+        "birth, call-phase, memory and observability-overhead benchmarks (`all`); `soak` "
+        "(long, only when named): 20,000 calls, 10 % hostile, nothing lost, supervisor memory "
+        "and fds flat.",
     )
     p.add_argument("suite", nargs="?", default="all",
                    choices=(*SUITE_NAMES, *LONG_SUITES, "all"))  # fmt: skip

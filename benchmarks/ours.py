@@ -313,8 +313,9 @@ class SandboxReuse(_Embedded):
 _PORT = re.compile(rb"(?:^|[\s:])(\d{2,5})\s*$")
 
 
-def serve_argv(modules: Sequence[str], state_dir: str) -> list[str]:
-    """`sandbox serve` on an ephemeral loopback port, warming the profile this run needs."""
+def serve_argv(modules: Sequence[str], state_dir: str, extra: Sequence[str] = ()) -> list[str]:
+    """`sandbox serve` on an ephemeral loopback port, warming the profile this run needs;
+    `extra` flags come last (so they win)."""
     argv = [
         sys.executable,
         "-c",
@@ -329,15 +330,20 @@ def serve_argv(modules: Sequence[str], state_dir: str) -> list[str]:
     ]
     if modules:
         argv += ["--preload", ",".join(modules)]
-    return argv
+    return [*argv, *extra]
 
 
 class _Served(Method):
+    """Options: `serve_args=[...]` more flags for `sandbox serve`; `stderr_path=PATH` its
+    stderr to that file (else a pipe read at teardown: fine while it logs little);
+    `metrics_url` is set when the flags include `--metrics-listen`."""
+
     family = "ours"
     reuse: ClassVar[int] = 1
     client: Any = None
     proc: Any = None
     state_dir: str | None = None
+    metrics_url: str | None = None
     _stderr: bytes = b""
 
     def setup(self) -> None:
@@ -349,11 +355,14 @@ class _Served(Method):
 
         self.on_demand = 0
         self.state_dir = tempfile.mkdtemp(prefix="sandbox-bench-")
+        extra = [str(a) for a in self.options.get("serve_args", ())]
+        stderr_path = self.options.get("stderr_path")
+        self._stderr_file = open(stderr_path, "wb") if stderr_path else None  # noqa: SIM115
         self.proc = subprocess.Popen(
-            serve_argv(self.modules, self.state_dir),
+            serve_argv(self.modules, self.state_dir, extra),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
+            stderr=self._stderr_file or subprocess.PIPE,
             env=child_env(),
             start_new_session=True,  # so teardown can end the whole tree it started
         )
@@ -372,6 +381,9 @@ class _Served(Method):
             self.teardown()
             err = self._stderr
             raise RuntimeError(f"`sandbox serve` reported no port: {err[-300:]!r}")
+        if "--metrics-listen" in extra:
+            line = self.proc.stdout.readline().decode().strip()  # "sandbox metrics on URL"
+            self.metrics_url = line.rsplit(" ", 1)[-1]
         self.client = Client(f"127.0.0.1:{port}")
         self.client.wait_ready(30)
         fn = self.client.deploy(
@@ -451,6 +463,9 @@ class _Served(Method):
                 if f is not None:
                     f.close()
             self.proc = None
+        if getattr(self, "_stderr_file", None) is not None:
+            self._stderr_file.close()
+            self._stderr_file = None
         if getattr(self, "state_dir", None):
             shutil.rmtree(self.state_dir, ignore_errors=True)
             self.state_dir = None

@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import statistics
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -137,6 +138,34 @@ BASELINES: dict[str, Baseline] = {
         "samples; RSS moves in allocator steps of about 1 MiB, so one run's slope differs from "
         "the next by more than that: the per-tenth floors say more. The rows are the "
         "calls as the callers timed them, per kind (ratio: p50 against the no-ops').",
+    ),
+    "observability": Baseline(
+        "sandbox-grpc-plain",
+        "p50_ms",
+        about="What Prometheus metrics and JSON access logs cost a gRPC `Invoke` of a trivial "
+        "function (echo), same run: `sandbox-grpc-plain` is `sandbox serve --log-level warning` "
+        "(no metrics, no access log), `sandbox-grpc-metrics-json-logs` adds `--metrics-listen "
+        "--log-format json --log-level info` (every call counted, one JSON line per call to a "
+        "file). Both servers run at once and are called in turn. `light-load-warm-pool`: the "
+        "harness waits, untimed, for the called server's warm pool before each call, the "
+        "servers alternating call by call. `1-caller` (sustained): calls back to back in "
+        "blocks of 20 per server, alternating. Target: on ÷ off ≤ 1.05 (p50). The checks: the "
+        "`on` server's counters and log lines equal the calls it served.",
+    ),
+    "executor": Baseline(
+        "ppe",
+        "throughput_per_s",
+        about="`sandbox.Executor` beside `concurrent.futures.ProcessPoolExecutor` (`ppe`), loky "
+        "and pebble, one worker per CPU each, same run. `sustained-map-noop` (sustained: no "
+        "pauses between calls): `list(pool.map(noop, range(N)))` on a warmed pool; the rows' "
+        "n, p50 and p99 are the gaps between consecutive results, their mean is the per-call "
+        "time (wall / N). `sandbox-executor` runs each call in a fresh worker (strict "
+        "isolation as root), `sandbox-executor-reuse` lets a worker serve 100. `fault: ...` "
+        "(light load, warm pool): one bad call with 2 × workers no-op calls beside it; the "
+        "rows time the bad call's outcome until a call has succeeded on a pool back at full "
+        "capacity, doing what a user must (the fault table says what). How each fault is made "
+        "is in `benchmarks/executors.py`: the peers have no memory limit, so their OOM is the "
+        "SIGKILL the kernel's OOM killer sends.",
     ),
     "calls": Baseline(
         "sandbox-no-layers",
@@ -428,6 +457,34 @@ def soak_markdown(res: SuiteResult) -> str:
     return "## Verdict\n\n" + "\n".join(lines) + "\n"
 
 
+def faults_markdown(res: SuiteResult) -> str:
+    """The executor suite's fault table: per fault and pool, what the bad call raised, what
+    happened to the calls beside it and to the pool, and what it took to get a pool back."""
+    data = res.extra.get("faults")
+    if not data:
+        return ""
+    lines = ["## What a bad call costs\n"]
+    for fault, by_method in data.items():
+        lines += [
+            f"\n### {fault}\n",
+            "| pool | the bad call raised | calls beside it failed | next call, same pool | "
+            "left behind | what a user must do | until a call succeeds at full capacity, ms "
+            "| deadline to outcome, ms |",
+            "|---|---|--:|---|---|---|--:|--:|",
+        ]
+        for method, d in by_method.items():
+            recover = d.get("recover_ms") or []
+            lag = d.get("deadline_to_outcome_ms") or []
+            lines.append(
+                f"| {method} | {', '.join(d['error'])} | "
+                f"{', '.join(str(x) for x in d['others_failed'])} of {d['others']} | "
+                f"{', '.join(d['next_call'])} | {', '.join(d['left'])} | "
+                f"{', '.join(d['action'])} | "
+                f"{_fmt(statistics.median(recover)) if recover else ''} | "
+                f"{_fmt(statistics.median(lag)) if lag else ''} |")
+    return "\n".join(lines) + "\n"
+
+
 def phase_order(by_config: dict[str, Any]) -> list[str]:
     from benchmarks.births import merge_order
 
@@ -479,7 +536,7 @@ def to_markdown(res: SuiteResult, machine: dict[str, Any]) -> str:
     elif res.extra.get("soak"):
         text += soak_markdown(res) + "\n## Rows\n\n"
     text += "\n".join(lines) + "\n"
-    phases = births_markdown(res) or calls_markdown(res)
+    phases = births_markdown(res) or calls_markdown(res) or faults_markdown(res)
     if phases:
         text += "\n" + phases
     if res.notes:

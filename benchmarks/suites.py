@@ -18,6 +18,11 @@ visible while it runs. A unit whose method cannot be set up is recorded as
     births      (births.py) births/s and where a birth's time goes, all isolation layers vs none
     calls       (calls.py) where a call's time goes, phase by phase, at light load and sustained,
                 all isolation layers vs none
+    observability  (observability.py) a gRPC Invoke with metrics + JSON access logs on vs off,
+                at light load and sustained, the two servers called in turn; counters checked
+    executor    (executors.py) sandbox.Executor beside ProcessPoolExecutor, loky and pebble: a
+                sustained map of a no-op (per call, ratios), and what a timeout, an OOM kill and
+                a segfault cost each pool (one failed future, or a broken or stuck pool)
     soak        (soak.py, not in `all`: long) 20,000 calls from 16 callers, 10 % hostile: nothing
                 lost, every outcome right, the supervisor's RSS and fds flat (slopes)
 
@@ -595,6 +600,18 @@ def _calls(cfg: Config) -> list[Unit]:
     return calls(cfg)
 
 
+def _observability(cfg: Config) -> list[Unit]:
+    from benchmarks.observability import observability
+
+    return observability(cfg)
+
+
+def _executor(cfg: Config) -> list[Unit]:
+    from benchmarks.executors import executor
+
+    return executor(cfg)
+
+
 def _soak(cfg: Config) -> list[Unit]:
     from benchmarks.soak import soak
 
@@ -611,5 +628,7 @@ SUITES: dict[str, Callable[[Config], list[Unit]]] = {
     "sustained": _sustained,
     "births": _births,
     "calls": _calls,
+    "executor": _executor,
+    "observability": _observability,
     "soak": _soak,
 }

@@ -266,6 +266,9 @@ class GrpcMetricsInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         self.seconds = Histogram("grpc_server_handling_seconds", "Time the server took to "
                                  "handle RPCs (to the last response message).", labels,
                                  buckets=BUCKETS, registry=registry)
+        #: per method, its handlers seen so far (the service's, an auth denial...) and their
+        #: wrapped versions, made once rather than per call; a few per method at most
+        self._wrapped: dict[str, list[tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]]] = {}
 
     @property
     def collectors(self) -> list[Collector]:
@@ -278,7 +281,19 @@ class GrpcMetricsInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         handler = await continuation(handler_call_details)
         if handler is None:
             return handler
-        service, method = _split_method(handler_call_details.method)
+        full: str = handler_call_details.method
+        known = self._wrapped.setdefault(full, [])
+        for seen, wrapped_handler in known:
+            if seen is handler:
+                return wrapped_handler
+        wrapped_handler = self._wrap_handler(full, handler)
+        if len(known) < 8:
+            known.append((handler, wrapped_handler))
+        return wrapped_handler
+
+    def _wrap_handler(self, full: str, handler: grpc.RpcMethodHandler
+                      ) -> grpc.RpcMethodHandler:
+        service, method = _split_method(full)
         if handler.request_streaming and handler.response_streaming:
             kind, behavior, make = "bidi_stream", handler.stream_stream, \
                 grpc.stream_stream_rpc_method_handler
@@ -298,16 +313,21 @@ class GrpcMetricsInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         return make(wrapped, request_deserializer=handler.request_deserializer,
                     response_serializer=handler.response_serializer)
 
-    def _finish(self, labels: tuple[str, str, str], code: str, t0: float) -> None:
-        self.handled.labels(*labels, code).inc()
-        self.seconds.labels(*labels).observe(time.perf_counter() - t0)
-
     def _wrap(self, behavior: _Behavior | None, labels: tuple[str, str, str]
               ) -> _Behavior | None:
         if behavior is None:
             return None
         started = self.started.labels(*labels)
-        finish = self._finish
+        seconds = self.seconds.labels(*labels)
+        handled: dict[str, Any] = {}
+
+        def finish(labels: tuple[str, str, str], code: str, t0: float) -> None:
+            counter = handled.get(code)
+            if counter is None:
+                counter = handled[code] = self.handled.labels(*labels, code)
+            counter.inc()
+            seconds.observe(time.perf_counter() - t0)
+
         if inspect.isasyncgenfunction(behavior):
             async def stream(request: Any, context: grpc.aio.ServicerContext
                              ) -> AsyncIterator[Any]:

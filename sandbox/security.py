@@ -206,6 +206,16 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
     def __init__(self, tokens: TokenTable) -> None:
         self.tokens = tokens
+        #: denials made once per (method, code, details): a handler is not built per call
+        self._denials: dict[tuple[str, grpc.StatusCode, str], grpc.RpcMethodHandler] = {}
+
+    def _deny(self, full: str, handler: grpc.RpcMethodHandler, code: grpc.StatusCode,
+              details: str) -> grpc.RpcMethodHandler:
+        key = (full, code, details)
+        denial = self._denials.get(key)
+        if denial is None:
+            denial = self._denials[key] = _deny(handler, code, details)
+        return denial
 
     async def intercept_service(
             self, continuation: Callable[[grpc.HandlerCallDetails],
@@ -222,10 +232,11 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         if role is None:
             why = ("no token: send the metadata 'authorization: Bearer TOKEN'" if token is None
                    else "unknown token")
-            return _deny(handler, grpc.StatusCode.UNAUTHENTICATED, why)
+            return self._deny(full, handler, grpc.StatusCode.UNAUTHENTICATED, why)
         if not allowed(role, service, method):
-            return _deny(handler, grpc.StatusCode.PERMISSION_DENIED,
-                         f"a token of role {role!r} may not call {method}; it needs 'admin'")
+            return self._deny(full, handler, grpc.StatusCode.PERMISSION_DENIED,
+                              f"a token of role {role!r} may not call {method}; it needs "
+                              "'admin'")
         return handler
 
 

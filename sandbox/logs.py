@@ -21,6 +21,7 @@ are the caller's data.
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import json
 import logging
@@ -88,7 +89,12 @@ def configure(log_format: str = "text", level: str | int = "info",
 
 class AccessLog(Observer):
     """One ``invocation`` record per invocation, at INFO on ``sandbox.access`` (nothing is
-    built when that level is off)."""
+    built when that level is off).
+
+    The record is written two loop turns after the call ends, like the worker's teardown: the
+    callbacks that deliver the result to its caller go first, so formatting and writing the
+    line are not on the call's path. Lines keep the order in which calls ended.
+    """
 
     def __init__(self, logger: logging.Logger | None = None) -> None:
         self.log = logger if logger is not None else logging.getLogger(ACCESS_LOGGER)
@@ -110,11 +116,19 @@ class AccessLog(Observer):
             fields["trace_id"] = record.trace_id
         if result.error is not None:
             fields["error_type"] = result.error.type
+        args = (record.id, record.function, record.version, result.outcome.value,
+                s.queue_s * 1e3, s.startup_s * 1e3, s.run_s * 1e3,
+                " cold" if s.cold_start else "", f" from {peer}" if peer else "")
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self._write(args, fields)
+        else:
+            loop.call_soon(loop.call_soon, self._write, args, fields)
+
+    def _write(self, args: tuple[Any, ...], fields: dict[str, Any]) -> None:
         self.log.info("invocation %s %s@%d %s queue %.3f ms start-up %.3f ms run %.3f ms%s%s",
-                      record.id, record.function, record.version, result.outcome.value,
-                      s.queue_s * 1e3, s.startup_s * 1e3, s.run_s * 1e3,
-                      " cold" if s.cold_start else "", f" from {peer}" if peer else "",
-                      extra={"event": "invocation", "fields": fields})
+                      *args, extra={"event": "invocation", "fields": fields})
 
     def invocation_failed(self, record: InvocationRecord, error: BaseException) -> None:
         if not self.log.isEnabledFor(logging.INFO):

@@ -300,6 +300,22 @@ def test_calls_quick(quick_run: tuple[Path, subprocess.CompletedProcess[str]]) -
     assert all(d["forked_on_demand"] == 0 for d in data["calls"]["light-load-warm-pool"].values())
 
 
+def test_observability_quick(quick_run: tuple[Path, subprocess.CompletedProcess[str]]) -> None:
+    """Metrics + JSON logs on vs off, both regimes, a ratio against the 5 % target each (its
+    verdict is not asserted: speeds are not), and the on server's counters and log lines equal
+    the calls it served."""
+    out, _ = quick_run
+    data = json.loads((out / "observability.json").read_text())
+    rows = {(r["scenario"], r["method"]): r for r in data["results"]}
+    for scenario, regime in (("light-load-warm-pool", LIGHT), ("1-caller", SUSTAINED)):
+        for m in ("sandbox-grpc-plain", "sandbox-grpc-metrics-json-logs"):
+            assert rows[(scenario, m)]["regime"] == regime
+    assert [r["target"] for r in data["ratios"]] == [1.05, 1.05]
+    assert all(len(r["per_round"]) == 3 for r in data["ratios"])
+    checks = data["checks"]
+    assert len(checks) == 3 and all(c["passed"] for c in checks), checks
+
+
 def test_regimes_named(quick_run: tuple[Path, subprocess.CompletedProcess[str]]) -> None:
     """What waits for a warm pool says so; the timeouts under load are there."""
     out, _ = quick_run
@@ -356,3 +372,31 @@ def test_rerender_legacy(tmp_path: Path) -> None:
     assert new["notes"][0] == "ppe-warm light-load-warm-pool: p50 per round 0.2 ms"
     assert "Re-rendered" in new["notes"][-1]
     assert (tmp_path / "latency.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_executor_quick(quick_run: tuple[Path, subprocess.CompletedProcess[str]]) -> None:
+    """The sustained map of every pool, ours per call against each peer's (same run), and the
+    fault table: a timeout, an OOM and a segfault each fail one future of ours and nothing
+    else, and the next call on the same executor works."""
+    out, _ = quick_run
+    data = json.loads((out / "executor.json").read_text())
+    maps = {r["method"]: r for r in data["results"] if r["scenario"] == "sustained-map-noop"}
+    assert set(maps) == {"ppe", "loky", "pebble", "sandbox-executor",
+                         "sandbox-executor-reuse"}, data["unavailable"]
+    assert all(r["regime"] == SUSTAINED and r["throughput_per_s"] for r in maps.values())
+    labels = {r["label"] for r in data["ratios"]}
+    for peer in ("ppe", "loky", "pebble"):
+        assert f"sustained map, per call: sandbox-executor ÷ {peer}" in labels
+    faults = data["faults"]
+    assert set(faults) == {"timeout", "memory", "segfault"}
+    expected = {"timeout": "CallTimedOut", "memory": "CallOutOfMemory",
+                "segfault": "WorkerCrashed"}
+    for fault, by_method in faults.items():
+        assert set(by_method) == {"ppe", "loky", "pebble", "sandbox-executor"}
+        ours = by_method["sandbox-executor"]
+        assert ours["error"] == [expected[fault]]
+        assert set(ours["others_failed"]) == {0} and ours["next_call"] == ["works"]
+        assert ours["action"] == ["none"]
+    # The peers' state after each fault is what it is: broken or stuck (said, not asserted).
+    md = (out / "executor.md").read_text()
+    assert "## What a bad call costs" in md and "### segfault" in md

@@ -423,13 +423,14 @@ class Executor(concurrent.futures.Executor):
             thread.start()
             ready.wait()
             try:
-                self._rt = asyncio.run_coroutine_threadsafe(self._make_runtime(), loop).result()
+                rt = asyncio.run_coroutine_threadsafe(self._make_runtime(), loop).result()
             except BaseException:
                 loop.call_soon_threadsafe(loop.stop)
                 thread.join()
                 loop.close()
                 raise
             self._loop, self._thread = loop, thread
+            self._rt = rt  # last: submit() reads it without the lock, then the loop
             _live.add(self)
 
     def _isolation_config(self) -> Any:
@@ -618,7 +619,7 @@ class Executor(concurrent.futures.Executor):
                     self._inflight -= 1
                 _settle(item.future, exception=exc)
                 continue
-            item.future._bind(functools.partial(loop.call_soon_threadsafe, invocation.cancel))
+            item.future._bind(functools.partial(_call_soon, loop, invocation.cancel))
             invocation.task.add_done_callback(functools.partial(self._finished, item,
                                                                 invocation))
 
@@ -633,6 +634,9 @@ class Executor(concurrent.futures.Executor):
                 _settle(item.future, exception=task.exception())
             else:
                 self._complete(item, task.result())
+        except BaseException as exc:  # never leave a future unsettled
+            _settle(item.future, exception=exc)
+            raise
         finally:
             self._dispatch()
 
@@ -683,6 +687,12 @@ class Executor(concurrent.futures.Executor):
             _settle(future, exception=_failed(
                 WorkerCrashed, f"{item.label}: the worker's reply is not valid: tag {tag!r}",
                 result))
+
+
+def _call_soon(loop: asyncio.AbstractEventLoop, fn: Callable[[], object]) -> None:
+    """``fn`` on ``loop``, from any thread; nothing if the loop is closed (all is over)."""
+    with contextlib.suppress(RuntimeError):
+        loop.call_soon_threadsafe(fn)
 
 
 def _forward(result: InvocationResult) -> None:

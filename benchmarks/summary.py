@@ -16,6 +16,8 @@ SUITES = [
     ("births", "Worker births: births/s and phases, all isolation layers vs none"),
     ("calls", "Where a call's time goes: phases at light load and sustained, all layers vs none"),
     ("soak", "Soak: 16 callers, 10 % hostile calls; nothing lost, supervisor RSS and fds flat"),
+    ("executor", "sandbox.Executor beside ProcessPoolExecutor, loky and pebble: a sustained map, "
+                 "and what a timeout, an OOM and a segfault cost"),
     ("latency", "Latency at light load (warm pool before each call)"),
     ("timeouts", "Timeouts (100 ms timeout): light load, and 16 callers at once"),
     ("coldstart", "Cold start with a preloaded profile (light load, warm pool)"),
@@ -99,10 +101,10 @@ def _ratios(md: str) -> str:
 
 def _phases(md: str) -> str:
     """The births or calls page's phase tables (from its first "### Birth phases" or "### Call
-    phases" to its notes)."""
-    for mark in ("### Birth phases", "### Call phases"):
+    phases" to its notes); the executor page's fault tables."""
+    for mark in ("### Birth phases", "### Call phases", "## What a bad call costs"):
         if mark in md:
-            text = mark + md.split(mark, 1)[1]
+            text = (mark if mark.startswith("###") else "") + md.split(mark, 1)[1]
             return text.split("\n## ", 1)[0].replace("### ", "#### ")
     return ""
 

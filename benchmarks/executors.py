@@ -261,7 +261,12 @@ def measure_fault(name: str, fault: str, workers: int) -> FaultSample:
         pool.warm()
         t_submit = time.perf_counter_ns()
         bad = pool.bad_call(fault)
-        others = [pool.submit(work.noop, i) for i in range(2 * workers)]
+        others: list[concurrent.futures.Future[Any] | None] = []
+        for i in range(2 * workers):
+            try:
+                others.append(pool.submit(work.noop, i))
+            except Exception:  # a pool already broken refuses at submit: a failed call too
+                others.append(None)
         error = pool.outcome(bad, fault)
         t_out = time.perf_counter_ns()
         lag = t_out - t_submit - int(TIMEOUT_S * 1e9) if fault == "timeout" else None
@@ -274,6 +279,9 @@ def measure_fault(name: str, fault: str, workers: int) -> FaultSample:
         t_next = time.perf_counter_ns()
         failed = 0
         for future in others:
+            if future is None:
+                failed += 1
+                continue
             with contextlib.suppress(BaseException):
                 if future.exception(timeout=GUARD_S) is not None:
                     failed += 1

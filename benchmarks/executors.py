@@ -13,9 +13,10 @@ Every pool gets the same number of workers (one per CPU) and runs `benchmarks.ex
                     for memory, a segfault. What the bad call's future raises, how many of the
                     others failed, whether the next call on the same pool works, what is left
                     behind (a broken pool, a worker spinning forever), and the time from the
-                    bad call's outcome until a call has succeeded on a pool back at full
-                    capacity, doing what a user must: nothing, make a new pool, or kill the
-                    stuck worker and make a new pool (the rows).
+                    moment the bad call's outcome is known and the calls beside it have ended
+                    until a call has succeeded on a pool back at full capacity, doing what a
+                    user must: nothing, make a new pool, or kill the stuck worker and make a
+                    new pool (the rows).
 
     sandbox-executor        Executor(workers, limits=...) at its defaults: strict isolation as
                             root, a fresh worker per call; `preload=["benchmarks.executor_work"]`
@@ -271,12 +272,6 @@ def measure_fault(name: str, fault: str, workers: int) -> FaultSample:
         t_out = time.perf_counter_ns()
         lag = t_out - t_submit - int(TIMEOUT_S * 1e9) if fault == "timeout" else None
         stuck = not bad.done()
-        try:  # the next call, on the same pool, at once
-            probe: Any = pool.submit(work.noop, -1).result(timeout=GUARD_S)
-            next_call = "works" if probe == -1 else f"wrong result {probe!r}"
-        except BaseException as exc:
-            next_call = f"fails: {type(exc).__name__}"
-        t_next = time.perf_counter_ns()
         failed = 0
         for future in others:
             if future is None:
@@ -285,6 +280,15 @@ def measure_fault(name: str, fault: str, workers: int) -> FaultSample:
             with contextlib.suppress(BaseException):
                 if future.exception(timeout=GUARD_S) is not None:
                     failed += 1
+        # The next call, on the same pool, once the calls beside the bad one have ended (so it
+        # waits for none of them: what is timed is the fault's aftermath alone).
+        t_settled = time.perf_counter_ns()
+        try:
+            probe: Any = pool.submit(work.noop, -1).result(timeout=GUARD_S)
+            next_call = "works" if probe == -1 else f"wrong result {probe!r}"
+        except BaseException as exc:
+            next_call = f"fails: {type(exc).__name__}"
+        t_next = time.perf_counter_ns()
         if stuck:
             left = "the call still runs: a worker spinning at 100 % CPU, forever"
             action = "kill the pool's processes, make a new pool"
@@ -295,7 +299,7 @@ def measure_fault(name: str, fault: str, workers: int) -> FaultSample:
             left = "nothing"
             action = "none"
         if action == "none":
-            recover = t_next - t_out
+            recover = t_next - t_settled
         else:
             t_action = time.perf_counter_ns()
             if stuck:
@@ -304,7 +308,7 @@ def measure_fault(name: str, fault: str, workers: int) -> FaultSample:
                 pool.close()
             pool.start()
             pool.submit(work.noop, 1).result(timeout=GUARD_S)
-            recover = (t_next - t_out) + (time.perf_counter_ns() - t_action)
+            recover = (t_next - t_settled) + (time.perf_counter_ns() - t_action)
         return FaultSample(_name(error), failed, len(others), next_call, left, action, recover,
                            lag)
     finally:

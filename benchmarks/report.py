@@ -162,8 +162,9 @@ BASELINES: dict[str, Baseline] = {
         "time (wall / N). `sandbox-executor` runs each call in a fresh worker (strict "
         "isolation as root), `sandbox-executor-reuse` lets a worker serve 100. `fault: ...` "
         "(light load, warm pool): one bad call with 2 × workers no-op calls beside it; the "
-        "rows time the bad call's outcome until a call has succeeded on a pool back at full "
-        "capacity, doing what a user must (the fault table says what). How each fault is made "
+        "rows time, from the moment the bad call's outcome is known and the calls beside it "
+        "have ended, until a call has succeeded on a pool back at full capacity, doing what a "
+        "user must (the fault table says what). How each fault is made "
         "is in `benchmarks/executors.py`: the peers have no memory limit, so their OOM is the "
         "SIGKILL the kernel's OOM killer sends.",
     ),

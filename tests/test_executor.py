@@ -204,9 +204,11 @@ def test_a_call_that_cannot_be_pickled_fails_its_future(harness: Harness) -> Non
     assert ex.submit(fx.add, 2, 2).result(GUARD_S) == 4
 
 
-def test_functions_of_the_main_script_and_its_sys_path(tmp_path: Path) -> None:
-    """As with spawn: the main script is loaded as __mp_main__ in the worker (its guarded
-    block does not run), and what the caller imports from its sys.path, the worker does."""
+@pytest.mark.parametrize("run_as", ["script", "module"])
+def test_functions_of_the_main_module_and_its_sys_path(tmp_path: Path, run_as: str) -> None:
+    """As with spawn: the main script (``python app.py``) or module (``python -m app``) is
+    loaded as __mp_main__ in the worker (its guarded block does not run), and what the caller
+    imports from its sys.path, the worker does."""
     os.chmod(tmp_path, 0o755)
     (tmp_path / "helper.py").write_text("def triple(x):\n    return 3 * x\n")
     script = tmp_path / "app.py"
@@ -224,12 +226,24 @@ def test_functions_of_the_main_script_and_its_sys_path(tmp_path: Path) -> None:
         "        print(list(ex.map(square, range(5))))\n"
         "        print(ex.submit(helper.triple, 5).result())\n"
         "        print(ex.submit(name).result())\n")
-    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
-                          timeout=GUARD_S, cwd="/")
+    argv = [str(script)] if run_as == "script" else ["-m", "app"]
+    proc = subprocess.run([sys.executable, *argv], capture_output=True, text=True,
+                          timeout=GUARD_S, cwd="/" if run_as == "script" else tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines() == ["[0, 1, 4, 9, 16]", "15", "__mp_main__"]
-    # The worker ran the script's top level as __mp_main__ and forwarded what it printed.
+    # The worker ran the main module's top level as __mp_main__ and forwarded what it printed.
     assert "loaded as __mp_main__" in proc.stderr
+
+
+def test_the_worker_entry_imports_nothing_heavy() -> None:
+    """The zygote of an executor imports sandbox.executor_worker: pickle, runpy, traceback
+    come later, and only in the worker (the executor's profile preloads pickle itself)."""
+    code = ("import sys, sandbox.executor_worker; print(sorted(m for m in ('pickle', 'runpy', "
+            "'traceback', 'threading', 'asyncio', 'concurrent.futures') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-I", "-c", code], capture_output=True, text=True,
+                         timeout=GUARD_S, env={"PYTHONPATH": ""}, cwd="/")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
 
 
 def test_an_executor_refuses_to_start_in_its_own_worker(harness: Harness) -> None:

@@ -1104,6 +1104,11 @@ class CgroupManager:
     def __repr__(self) -> str:
         return f"CgroupManager({self.name!r}, available={self.available}, closed={self._closed})"
 
+    @property
+    def role_paths(self) -> dict[str, str]:
+        """Where each role in use (``memory``, ``pids``, ``cpu``, ...) has our parent group."""
+        return {role: d.path for role, d in self._roles.items()}
+
     def __enter__(self) -> CgroupManager:
         return self
 
@@ -1262,6 +1267,16 @@ class CgroupManager:
             log.warning(
                 "cgroups of %s still busy after close; sweep_stale will find them", self.name
             )
+
+
+def delegation_hint() -> str:
+    """What an administrator can do so that an ordinary user gets cgroups (for ``doctor``)."""
+    return ("to give this user cgroups, delegate a subtree to it: run the program in a systemd "
+            "unit or scope with Delegate=yes (e.g. `systemd-run --user --scope -p Delegate=yes "
+            "PROGRAM`, or `Delegate=memory pids cpu` in its [Service] section; a login session's "
+            "user@UID.service is delegated already), or in a container with a cgroup namespace "
+            "of its own; on cgroup v1, root makes a group per controller, chowns it (and its "
+            "files) to the user and starts the program in it")
 
 
 def _roles_of(h: _Hierarchy) -> list[str]:

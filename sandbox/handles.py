@@ -85,6 +85,8 @@ class ZygoteHandle:
         #: without root the zygote proper is pid 1 of namespaces of its own, a child of the
         #: process we started: its pidfd (killed with it, waited for before ``reaped``)
         self._inner_pidfd: int | None = None
+        #: its pid, as the host numbers it (None until ready, and when it is ``pid``)
+        self.inner_pid: int | None = None
         self._started: asyncio.Future[None] = self._loop.create_future()
         #: done once the zygote process has exited and been reaped
         self.reaped: asyncio.Future[None] = self._loop.create_future()
@@ -188,6 +190,7 @@ class ZygoteHandle:
             if inner and inner != self.pid and self._inner_pidfd is None:
                 with contextlib.suppress(ProcessLookupError):
                     self._inner_pidfd = os.pidfd_open(inner)
+                    self.inner_pid = inner
             report = msg.get("isolation")
             self.isolation_report = report if isinstance(report, dict) else None
             if not self._started.done():
@@ -303,6 +306,12 @@ class ZygoteHandle:
             self._pending.pop(token, None)
             raise WorkerStartError(f"zygote {self.profile!r}: {exc}") from exc
         return await fut
+
+    @property
+    def pids(self) -> tuple[int, ...]:
+        """Every process of the zygote itself: the one started, and (without root) the
+        zygote proper below it, pid 1 of its own namespaces."""
+        return tuple(p for p in (self.pid, self.inner_pid) if p is not None)
 
     @property
     def pidfd(self) -> int | None:

@@ -78,6 +78,16 @@ class Host:
         iso["hide"] = list(cfg.hide)
         return iso
 
+    def birth_config(self) -> dict[str, Any]:
+        """What every worker's birth is told of the host: without isolation, its scratch
+        directory (cwd, HOME, TMPDIR): private to this runtime, removed at close, never the
+        zygote's ``/`` or a ``/tmp`` path another user could have made first."""
+        if self.isolation is not None or self.bundle_dir is None:
+            return {}
+        scratch = os.path.join(self.bundle_dir, "scratch")
+        os.makedirs(scratch, mode=0o700, exist_ok=True)
+        return {"scratch": scratch}
+
     def close(self) -> None:
         """Remove what :meth:`setup` made (cgroups, the network namespace, the bundle
         directory unless it was given). Idempotent."""
@@ -88,6 +98,8 @@ class Host:
             self.netns_fd = -1
         if self.bundle_dir is not None and not self.bundle_dir_given:
             shutil.rmtree(self.bundle_dir, ignore_errors=True)
+        elif self.bundle_dir is not None:
+            shutil.rmtree(os.path.join(self.bundle_dir, "scratch"), ignore_errors=True)
 
     # ---------------------------------------------------------------------------------------
 
@@ -119,13 +131,17 @@ class Host:
             log.warning("cgroups unavailable (%s): memory is limited by rlimit only and "
                         "double-forked grandchildren may escape the tree kill",
                         manager.report.reason)
+            if os.geteuid() != 0:
+                report["reason"] = f"{report['reason']}; {cg.delegation_hint()}"
             self.cgroup_report = {**report, "available": False, "enabled": False}
             return
         swept = manager.sweep_stale()
         if swept:
             log.info("removed %d cgroup(s) left by a supervisor that died", swept)
         self.cgroups = manager
-        self.cgroup_report = {**report, "available": True, "enabled": True}
+        # Where: as root our own cgroup; otherwise a subtree someone delegated to us.
+        self.cgroup_report = {**report, "available": True, "enabled": True,
+                              "paths": manager.role_paths, "delegated": os.geteuid() != 0}
 
     def _setup_isolation(self) -> None:
         cfg = self.isolation
@@ -155,10 +171,12 @@ class Host:
             try:
                 self.netns_fd = isolation.create_empty_netns()
             except OSError as exc:
-                if strict:
+                if strict and os.geteuid() == 0:
                     raise IsolationUnavailable(f"net_ns: cannot create the shared empty "
                                                f"network namespace: {exc}") from None
-                log.warning("no shared network namespace (%s): each worker gets its own", exc)
+                # Not root: no capability here to make one; each worker makes its own,
+                # inside the zygote's user namespace (the zygote's probe says whether it can).
+                log.info("no shared network namespace (%s): each worker gets its own", exc)
         self.isolation = cfg
 
 

@@ -265,7 +265,7 @@ class AsyncRuntime:
     async def _start_pool(self, name: str) -> None:
         host = self._host
         pool = Pool(name, self._profiles[name], instance=self.instance, min_idle=self.min_idle,
-                    cgroups=host.cgroups, birth_config={}, slots=self._slots_alloc,
+                    cgroups=host.cgroups, birth_config=host.birth_config(), slots=self._slots_alloc,
                     isolation=host.pool_isolation(), netns_fd=host.netns_fd,
                     gc_freeze=self.gc_freeze,
                     default_limits=resolve(None, None, self.limits, self.max_limits),
@@ -757,6 +757,7 @@ class AsyncRuntime:
             sizes = pool.sizes()
             zyg = pool.zygote
             pools[name] = {**sizes, "zygote_pid": zyg.pid if zyg is not None else None,
+                           "zygote_pids": list(zyg.pids) if zyg is not None else [],
                            "zygote_rss_bytes": zyg.rss_bytes if zyg is not None else None,
                            "zygote_starts": pool.zygote_starts,
                            "births": pool.birth_stats()}
@@ -810,7 +811,8 @@ class AsyncRuntime:
             layers[f"cgroup_{controller}"] = {
                 "available": available, "enabled": available and bool(cg.get("enabled")),
                 "reason": cg.get("reason", "") if not available else
-                f"cgroup v{cg.get('version')}"}
+                f"cgroup v{cg.get('version')} under {cg.get('paths', {}).get(controller, '?')}"
+                + (f" (delegated to uid {os.geteuid()})" if cg.get("delegated") else "")}
         view = report.get("view") if report is not None else None
         return {
             "mode": report["mode"] if report is not None else "off",

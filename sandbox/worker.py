@@ -186,6 +186,11 @@ def _birth(channel_fd: int, stdout_fd: int, stderr_fd: int, config: Mapping[str,
         _linux.join_cgroups(config.get("cgroup_procs", ()))
 
     isolation_config = config.get("isolation")
+    scratch = config.get("scratch")
+    if isolation_config is None and scratch:
+        # No private tmpfs without isolation: the runtime's scratch directory instead.
+        os.chdir(scratch)
+        os.environ["HOME"] = os.environ["TMPDIR"] = scratch
     if isolation_config is not None:
         from sandbox import isolation
 

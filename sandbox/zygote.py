@@ -375,7 +375,8 @@ class _Zygote:
         pidfd = os.pidfd_open(pid)
         try:
             if self.own_pid_ns:
-                pid = self.host_pids[pid] = self.isolation_module.host_pid(pidfd)
+                self.host_pids[pid] = self.isolation_module.host_pid(pidfd)
+                pid = self.host_pids[pid]
             _send(self.sock, {"t": "spawned", "token": token, "pid": pid}, [pidfd])
         finally:
             os.close(pidfd)

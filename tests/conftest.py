@@ -54,11 +54,31 @@ def marked_processes() -> set[int]:
     return processes_with_env(_MARK)
 
 
+#: The tests' own process and its ancestors (never leftovers).
+_ANCESTORS = {p.pid for p in [psutil.Process(), *psutil.Process().parents()]}
+
+
+def processes_of_our_uid() -> set[int]:
+    """Not root: live processes of our real uid. A confined worker is not dumpable, so its
+    /proc/<pid>/environ is closed to its own uid and the environment mark cannot be read:
+    run the tests as a user of their own (as CI does) and every such process is ours."""
+    uid = os.getuid()
+    found = set()
+    for p in psutil.process_iter(["uids", "status"]):
+        try:
+            if p.info["uids"].real == uid and p.info["status"] != psutil.STATUS_ZOMBIE:
+                found.add(p.pid)
+        except (psutil.Error, AttributeError):
+            continue
+    return found - _ANCESTORS
+
+
 def leftovers(baseline: set[int]) -> set[int]:
     me = psutil.Process()
     children = {p.pid for p in me.children(recursive=True)
                 if p.status() != psutil.STATUS_ZOMBIE}
-    return (marked_processes() | children) - baseline
+    ours = marked_processes() if os.geteuid() == 0 else processes_of_our_uid()
+    return (ours | children) - baseline
 
 
 @pytest.fixture(autouse=True)
@@ -90,10 +110,30 @@ def no_process_left_behind() -> Iterator[None]:
             pytest.fail("processes left behind: " + "; ".join(details))
 
 
-@pytest.fixture(params=["strict", "off"])
+def _userns_allowed() -> bool:
+    """Whether we may create a user namespace (tried in a child)."""
+    import ctypes
+
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        os._exit(0 if ctypes.CDLL(None, use_errno=True).unshare(0x10000000) == 0 else 1)
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+
+
+#: Processes a zygote is: one as root; without root, the process started and the zygote
+#: proper below it, pid 1 of namespaces of its own (when user namespaces are allowed).
+ZYGOTE_PROCESSES = 2 if os.geteuid() != 0 and _userns_allowed() else 1
+
+#: Every isolation layer: required as root (strict); as an ordinary user, every layer the
+#: kernel allows it (best-effort; ``sandbox doctor`` lists what is missing and why).
+ISOLATED = "strict" if os.geteuid() == 0 else "best-effort"
+
+
+@pytest.fixture(params=[ISOLATED, "off"])
 def rt(request: pytest.FixtureRequest) -> Iterator[Runtime]:
     """A started runtime with one warm worker per profile, closed after the test: once with
-    every isolation layer (strict), once with processes, rlimits and cgroups only (off)."""
+    every isolation layer (:data:`ISOLATED`), once with processes, rlimits and cgroups only
+    (off)."""
     runtime = Runtime(min_idle=1, isolation=request.param)
     try:
         yield runtime

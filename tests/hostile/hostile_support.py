@@ -169,7 +169,7 @@ class Watch:
             names: set[str] = set()
             for pool in self.rt.async_runtime._pools.values():
                 if pool.zygote is not None:
-                    pids.add(pool.zygote.pid)
+                    pids.update(pool.zygote.pids)
                 for worker in pool.workers:
                     if worker.alive:
                         pids.add(worker.pid)

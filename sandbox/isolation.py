@@ -614,10 +614,12 @@ def enter_zygote_namespaces() -> dict[str, Any]:
     # The outer process may have died before the death signal was armed: its end of the
     # pipe is then closed (getppid() is 0 in here whatever happens).
     ready, _, _ = select.select([read_end], [], [], 0)
-    os.close(read_end)
     if ready:
         os._exit(0)
-    zygote_namespaces = {"uid": uid, "gid": gid, "ids": 1,
+    # Kept: readable (end of file) once the outer process is gone, which the zygote checks
+    # before each fork (the death signal is not instantaneous).
+    os.set_inheritable(read_end, False)
+    zygote_namespaces = {"uid": uid, "gid": gid, "ids": 1, "outer_fd": read_end,
                          "map": f"uid {uid} -> {uid}, gid {gid} -> {gid}"}
     return zygote_namespaces
 

@@ -26,6 +26,7 @@ import gc
 import importlib
 import json
 import os
+import select
 import selectors
 import signal
 import socket
@@ -226,6 +227,7 @@ class _Zygote:
         self.host_namespaces: dict[str, int] = {}
         #: in a pid namespace of our own (not root): our pid for a child -> the host's
         self.own_pid_ns = host_namespaces is not None
+        self.outer_fd = -1
         self.host_pids: dict[int, int] = {}
         self.fork: Callable[[], int] = os.fork
         #: the config of a worker allowed on the network (host netns, INET sockets)
@@ -236,6 +238,8 @@ class _Zygote:
             from sandbox import isolation
 
             self.isolation_module = isolation
+            if isolation.zygote_namespaces is not None:
+                self.outer_fd = int(isolation.zygote_namespaces["outer_fd"])
             # The posture check compares a worker's namespaces with the supervisor's: ours,
             # unless we entered our own user and pid namespaces.
             self.host_namespaces = host_namespaces or isolation.namespace_ids()
@@ -329,6 +333,8 @@ class _Zygote:
             _send(self.sock, {"t": "spawn_failed", "token": token,
                               "error": f"spawn needs 3 fds, got {len(fds)}"})
             return
+        if self.outer_fd >= 0 and select.select([self.outer_fd], [], [], 0)[0]:
+            os._exit(0)  # the process the supervisor started is gone: so are we
         threads = _linux.thread_count()
         if threads != 1:
             for fd in fds:

@@ -963,7 +963,7 @@ def drop_privileges(config: IsolationConfig, ids: WorkerIds) -> None:
     ``/proc/<supervisor>/mem``; dumpable 0 also hides our own /proc files from our uid).
     """
     if config.credentials:
-        if not _bounding_set_dropped:
+        if not _bounding_set_dropped or zygote_namespaces is not None:
             for cap in range(_last_cap() + 1):
                 _prctl(PR_CAPBSET_DROP, cap)
         if ids.change:
@@ -1491,6 +1491,16 @@ def apply_layers(config: IsolationConfig, ids: WorkerIds, *,
     step("mounts")
     seal_filesystem(config)
     step("seal")
+    if zygote_namespaces is not None and config.user_ns:
+        # A user namespace of the worker's own below the zygote's, now that its mounts are
+        # made (they stay owned by the zygote's): the kernel counts RLIMIT_NPROC per user
+        # namespace and uid, so without it every worker of the zygote would share one count
+        # and a fork bomb would starve its siblings' forks. No id is mapped in it (the map
+        # is written through a /proc that is now read-only): the worker's ids stay the
+        # caller's outside and read as the overflow id (65534) inside. It starts with a full
+        # bounding set again, which drop_privileges empties.
+        _unshare(CLONE_NEWUSER)
+        ids = WorkerIds(os.getuid(), os.getgid(), False)
     drop_privileges(config, ids)
     if after_drop is not None:
         after_drop()
@@ -1633,8 +1643,9 @@ def detect(config: IsolationConfig, *, netns_fd: int | None = None) -> Isolation
                 layers[layer] = LayerStatus(True, False, "not needed: running as root")
                 continue
             if zygote_namespaces is not None:
-                available, reason = True, (f"the zygote's own ({zygote_namespaces['map']}, "
-                                           "one id for every worker)")
+                available, reason = True, (
+                    f"the zygote's own ({zygote_namespaces['map']}), and each worker's own "
+                    "below it (the caller's uid outside, 65534 inside)")
             else:
                 available = probe["user_ns"] == ""
                 reason = ("each worker's own (uid -> same uid)" if available

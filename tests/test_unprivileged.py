@@ -128,6 +128,50 @@ def test_a_setsid_grandchild_dies_when_its_invocation_ends(confined: Runtime,
     assert not _wait_dead(pids_named(name + "b"))
 
 
+def test_a_fork_bomb_at_its_process_limit_leaves_a_sibling_free_to_fork(
+        confined: Runtime) -> None:
+    """One invocation holds every process its limit allows; another, running meanwhile,
+    still forks (a pids cgroup each as root; a user namespace each, so RLIMIT_NPROC counts
+    apart, without root)."""
+    confined.register("bomb", source=src_bomb)
+    confined.register("forks", source=src_forks)
+    held = confined.stream("bomb", limits=Limits(max_processes=16, wall_timeout_s=120))
+    first = next(iter(held))
+    assert first["error"] == "EAGAIN" and 0 < first["forked"] < 16, first
+    sibling = confined.invoke("forks", 4, limits=Limits(max_processes=16))
+    assert sibling.outcome is Outcome.OK and sibling.result == 4, (sibling.result, sibling.error)
+
+
+src_bomb = """
+import errno, os, time
+def handler(e, c):
+    r, w = os.pipe()
+    n = 0
+    while True:
+        try:
+            pid = os.fork()
+        except OSError as exc:
+            yield {"forked": n, "error": errno.errorcode[exc.errno]}
+            break
+        if pid == 0:
+            os.read(r, 1)
+            os._exit(0)
+        n += 1
+    time.sleep(120)
+"""
+
+src_forks = """
+import os
+def handler(n, c):
+    for _ in range(n):
+        pid = os.fork()
+        if pid == 0:
+            os._exit(0)
+        os.waitpid(pid, 0)
+    return n
+"""
+
+
 def test_a_setsid_grandchild_dies_when_the_runtime_closes(confined: Runtime) -> None:
     """An invocation still running when the runtime closes: its double-forked, setsid
     grandchild is dead once ``close()`` has returned, and so is every process of ours."""

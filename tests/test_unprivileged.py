@@ -245,6 +245,7 @@ def _stage(base: Path) -> Path:
     the pytest configuration and the installed files of our dependencies (the checkout and
     the virtual environment may be under a directory closed to other users)."""
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    base.mkdir()
     shutil.copytree(REPO / "sandbox", base / "sandbox", ignore=ignore)
     shutil.copytree(REPO / "tests", base / "tests", ignore=ignore)
     shutil.copy(REPO / "pyproject.toml", base / "pyproject.toml")
@@ -298,7 +299,10 @@ def user_env() -> Iterator[UserEnv]:
                     "may run (Debian's /usr/bin/python3 would do)")
     entry = pwd.getpwnam(user)
     with tempfile.TemporaryDirectory(prefix="sandbox-user-half-") as tmp:
-        base = _stage(Path(tmp))
+        # The home (and so pytest's tmp_path) beside the staged import path, not in it:
+        # workers see the import path.
+        os.chmod(tmp, 0o755)
+        base = _stage(Path(tmp) / "stage")
         home = Path(tempfile.mkdtemp(prefix="home-", dir=tmp))
         os.chown(home, entry.pw_uid, entry.pw_gid)
         yield UserEnv(user, python, base, home)

@@ -307,6 +307,14 @@ class ZygoteHandle:
             raise WorkerStartError(f"zygote {self.profile!r}: {exc}") from exc
         return await fut
 
+    def still_alive(self) -> bool:
+        """Alive, asking the kernel now (one poll of its pidfds) rather than waiting for the
+        loop to read the news: a worker of a zygote that has just died is doomed."""
+        if self.alive and select.select(
+                [fd for fd in (self._pidfd, self._inner_pidfd) if fd is not None], [], [], 0)[0]:
+            self._dead("zygote process exited")
+        return self.alive
+
     @property
     def pids(self) -> tuple[int, ...]:
         """Every process of the zygote itself: the one started, and (without root) the

@@ -388,7 +388,7 @@ class Pool:
             return worker, cold, True
         while self.idle:
             worker = self.idle.pop()
-            if worker.usable():
+            if worker.usable() and worker.zygote.still_alive():
                 self.busy.add(worker)
                 self.refill()  # at idle priority while others are idle: spare CPU only
                 return worker, False, False
@@ -593,8 +593,11 @@ class Pool:
 
     def _offer(self, worker: WorkerHandle, cold: bool) -> None:
         """A ready worker: to the longest-waiting caller, else to the idle set."""
-        if self.closed or not worker.alive:
+        if self.closed or not worker.alive or not worker.zygote.still_alive():
+            # (a worker whose zygote has just died is doomed: its death signal is on its way)
             self.discard(worker)
+            if not self.closed:
+                self.refill()
             return
         waiter = self._next_acquirer()
         if waiter is not None:

@@ -225,7 +225,10 @@ class Execution:
             # On failure the worker died or closed the channel: its death decides.
             await worker.send(message)
         try:
-            await self.done
+            # Shielded: a caller that goes away cancels this wait, not the outcome's future, so
+            # cancel() still sees a running invocation and classifies it CANCELLED (not a
+            # CRASHED by our own kill in settle()).
+            await asyncio.shield(self.done)
         finally:
             for timer in self._timers:
                 timer.cancel()

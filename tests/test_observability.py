@@ -196,10 +196,19 @@ def test_cancelled_by_its_caller_is_counted_once() -> None:
                 await task
             handle.cancel()
             assert (await handle).outcome is Outcome.CANCELLED
+            # A caller gone while its call runs on a worker (its task waits for the outcome):
+            # CANCELLED, not a crash by the runtime's own kill.
+            running = rt.submit("sleep", 30)
+            await running.running()
+            running.task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await running.task
 
     asyncio.run(main())
     assert _value(registry, "sandbox_invocations_total", function="sleep",
-                  outcome="CANCELLED") == 2
+                  outcome="CANCELLED") == 3
+    assert _value(registry, "sandbox_invocations_total", function="sleep",
+                  outcome="CRASHED") == 0
 
 
 def test_access_log_one_json_line_per_invocation_never_the_payload() -> None:

@@ -110,7 +110,7 @@ def no_process_left_behind() -> Iterator[None]:
             pytest.fail("processes left behind: " + "; ".join(details))
 
 
-def _userns_allowed() -> bool:
+def userns_allowed() -> bool:
     """Whether we may create a user namespace (tried in a child)."""
     import ctypes
 
@@ -122,7 +122,7 @@ def _userns_allowed() -> bool:
 
 #: Processes a zygote is: one as root; without root, the process started and the zygote
 #: proper below it, pid 1 of namespaces of its own (when user namespaces are allowed).
-ZYGOTE_PROCESSES = 2 if os.geteuid() != 0 and _userns_allowed() else 1
+ZYGOTE_PROCESSES = 2 if os.geteuid() != 0 and userns_allowed() else 1
 
 #: Every isolation layer: required as root (strict); as an ordinary user, every layer the
 #: kernel allows it (best-effort; ``sandbox doctor`` lists what is missing and why).

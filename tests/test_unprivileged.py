@@ -21,6 +21,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from conftest import userns_allowed
 from test_runtime import GRANDCHILD, pids_named
 
 from sandbox import Limits, Outcome, Runtime
@@ -72,28 +73,6 @@ def confined() -> Iterator[Runtime]:
         runtime.close()
 
 
-def _userns_allowed() -> bool:
-    """Whether this kernel lets us (as we are) create a user namespace: tried in a child."""
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child
-        code = 1
-        try:
-            _unshare_user()
-            code = 0
-        finally:
-            os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    return os.waitstatus_to_exitcode(status) == 0
-
-
-def _unshare_user() -> None:
-    import ctypes
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.unshare(0x10000000) != 0:
-        raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWUSER)")
-
-
 # -- containment, as whoever runs the suite -------------------------------------------------------
 
 def test_doctor_reports_pid_namespaces_wherever_user_namespaces_are_allowed() -> None:
@@ -102,7 +81,7 @@ def test_doctor_reports_pid_namespaces_wherever_user_namespaces_are_allowed() ->
     if os.geteuid() == 0:
         assert pid_ns["available"], pid_ns
         return
-    if _userns_allowed():
+    if userns_allowed():
         assert pid_ns["available"] and pid_ns["enabled"], pid_ns
         assert "zygote's own" in data["layers"]["user_ns"]["reason"], data["layers"]["user_ns"]
     else:

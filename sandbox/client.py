@@ -291,6 +291,7 @@ def _info(msg: pb.GetInfoResponse) -> dict[str, Any]:
         "max_queue": msg.max_queue,
         "invoke_many_window": msg.invoke_many_window,
         "max_message_bytes": msg.max_message_bytes,
+        "node": msg.node,
     }
 
 

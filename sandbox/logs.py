@@ -96,8 +96,10 @@ class AccessLog(Observer):
     line are not on the call's path. Lines keep the order in which calls ended.
     """
 
-    def __init__(self, logger: logging.Logger | None = None) -> None:
+    def __init__(self, logger: logging.Logger | None = None, node: str = "") -> None:
         self.log = logger if logger is not None else logging.getLogger(ACCESS_LOGGER)
+        #: the server's name in a fleet, written as ``node`` in every line (when set)
+        self.node = node
 
     def invocation_finished(self, record: InvocationRecord, result: InvocationResult) -> None:
         if not self.log.isEnabledFor(logging.INFO):
@@ -112,6 +114,8 @@ class AccessLog(Observer):
             "peak_memory_bytes": s.peak_memory_bytes, "cold_start": s.cold_start,
             "peer": peer,
         }
+        if self.node:
+            fields["node"] = self.node
         if record.trace_id is not None:
             fields["trace_id"] = record.trace_id
         if result.error is not None:

@@ -90,6 +90,8 @@ class Stats:
         worker_invocations: how many invocations this worker has served, this one included.
         function_s: the handler's own run, measured in the worker (None if it never
             finished): ``run_s - function_s`` is what the isolation cost this call.
+        node: the server that ran it (its ``--node-name``), for results that came over gRPC;
+            empty in process.
     """
 
     queue_s: float = 0.0
@@ -102,6 +104,7 @@ class Stats:
     worker_pid: int | None = None
     worker_invocations: int = 1
     function_s: float | None = None
+    node: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

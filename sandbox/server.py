@@ -34,6 +34,7 @@ import contextlib
 import dataclasses
 import os
 import signal
+import socket
 import sys
 import time
 import uuid
@@ -82,6 +83,7 @@ from sandbox.wire import (
 
 if TYPE_CHECKING:
     from sandbox.functions import FunctionInfo
+    from sandbox.logs import AccessLog
     from sandbox.runtime import AsyncInvocation, AsyncRuntime
 
 __all__ = [
@@ -172,17 +174,21 @@ class SandboxServicer(pb_grpc.SandboxServicer):
             only the runtime's own registrations are served.
         invoke_many_window: how many InvokeMany requests are read ahead of their results.
         max_message_bytes: reported by GetInfo (the server enforces it).
+        node: this server's name in a fleet, reported by GetInfo and in every result's
+            ``stats.node`` (default: the host's name).
     """
 
     def __init__(self, runtime: AsyncRuntime, store: FunctionStore | None = None, *,
                  invoke_many_window: int = DEFAULT_INVOKE_MANY_WINDOW,
-                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+                 node: str | None = None) -> None:
         if invoke_many_window < 1:
             raise ConfigurationError("invoke_many_window must be >= 1")
         self.runtime = runtime
         self.store = store
         self.invoke_many_window = invoke_many_window
         self.max_message_bytes = max_message_bytes
+        self.node = node if node else socket.gethostname()
         self.draining = False
         self._deploy_lock = asyncio.Lock()
 
@@ -267,7 +273,7 @@ class SandboxServicer(pb_grpc.SandboxServicer):
             CALL_ORIGIN.set(_origin(context))  # this handler's task only
             result = await self.runtime.invoke(request.function, **kwargs)
             _check_deadline(result, deadline)
-            return result_to_proto(result, kwargs["content_type"])
+            return result_to_proto(result, kwargs["content_type"], self.node)
 
     async def InvokeStream(self, request: pb.InvokeStreamRequest,
                            context: grpc.aio.ServicerContext
@@ -289,7 +295,8 @@ class SandboxServicer(pb_grpc.SandboxServicer):
                 if not finished:  # the call was cancelled or broke: kill the worker now
                     stream.cancel()
             _check_deadline(result, deadline)
-            yield pb.InvokeStreamResponse(result=result_to_proto(result, kwargs["content_type"]))
+            yield pb.InvokeStreamResponse(
+                result=result_to_proto(result, kwargs["content_type"], self.node))
 
     async def InvokeMany(self, request_iterator: AsyncIterator[pb.InvokeManyRequest],
                          context: grpc.aio.ServicerContext
@@ -329,7 +336,7 @@ class SandboxServicer(pb_grpc.SandboxServicer):
                 max_message_bytes=self.max_message_bytes,
                 running=int(info.get("running", 0)), queued=int(info.get("queued", 0)),
                 max_concurrency=int(info.get("max_concurrency", 0)),
-                max_queue=int(info.get("max_queue", 0)))
+                max_queue=int(info.get("max_queue", 0)), node=self.node)
             for field, key in (("default_limits", "limits"), ("max_limits", "max_limits")):
                 limits = _runtime_limits(self.runtime, info, key)
                 converted = limits_to_proto(limits)
@@ -458,7 +465,8 @@ class _InvokeMany:
         exc = task.exception()
         if exc is None:
             self.out.put_nowait(pb.InvokeManyResponse(
-                result=result_to_proto(task.result(), content_type)))
+                result=result_to_proto(task.result(), content_type,
+                                       self.servicer.node)))
         elif isinstance(exc, SandboxError | TimeoutError):
             self._error(ident, exc)
         else:
@@ -540,7 +548,8 @@ def create_server(runtime: AsyncRuntime, address: str = "127.0.0.1:0", *,
                   invoke_many_window: int = DEFAULT_INVOKE_MANY_WINDOW,
                   max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
                   credentials: grpc.ServerCredentials | None = None,
-                  interceptors: Sequence[grpc.aio.ServerInterceptor] = ()) -> ServerHandle:
+                  interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+                  node: str | None = None) -> ServerHandle:
     """A ``grpc.aio`` server (not started) serving ``sandbox.v1.Sandbox``, Health and
     Reflection on ``address``. Unpacks as ``server, port``; port 0 binds an ephemeral one.
 
@@ -548,6 +557,8 @@ def create_server(runtime: AsyncRuntime, address: str = "127.0.0.1:0", *,
         address: ``host:port``, or ``unix:PATH`` (the socket is made mode 0600).
         credentials: TLS (:func:`sandbox.security.server_credentials`); None: plaintext.
         interceptors: server interceptors, the first outermost (metrics, then auth).
+        node: the server's name in a fleet (GetInfo, ``stats.node``); default
+            ``hostname:port`` once the port is bound (``hostname:unix:PATH`` on a socket).
 
     Raises:
         ConfigurationError: the address cannot be bound.
@@ -558,7 +569,7 @@ def create_server(runtime: AsyncRuntime, address: str = "127.0.0.1:0", *,
         ("grpc.so_reuseport", 0),
     ])
     servicer = SandboxServicer(runtime, store, invoke_many_window=invoke_many_window,
-                               max_message_bytes=max_message_bytes)
+                               max_message_bytes=max_message_bytes, node=node)
     pb_grpc.add_SandboxServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -583,6 +594,8 @@ def create_server(runtime: AsyncRuntime, address: str = "127.0.0.1:0", *,
     if socket_path is not None:
         os.chmod(socket_path, 0o600)
         port = 0
+    if not node:
+        servicer.node = f"{socket.gethostname()}:{port if socket_path is None else address}"
     return ServerHandle(server, port, servicer, health_servicer)
 
 
@@ -656,6 +669,7 @@ async def serve(
     security: Security | None = None,
     metrics_listen: str | None = None,
     metrics_ready: Callable[[str], None] | None = None,
+    node_name: str | None = None,
 ) -> None:
     """Run ``sandbox serve`` until SIGTERM/SIGINT (or ``stop`` is set), then drain.
 
@@ -663,7 +677,9 @@ async def serve(
     to warm at start (each a list of modules), besides those the stored functions need.
     ``ready(host, port)`` is called once the server accepts calls (``ready("unix:PATH", 0)``
     on a unix socket); ``metrics_ready(url)`` once ``/metrics`` is served on
-    ``metrics_listen``. ``security`` is checked before anything starts.
+    ``metrics_listen``. ``security`` is checked before anything starts. ``node_name`` names
+    this server in a fleet (GetInfo, every result's ``stats.node``, the access log); default
+    ``hostname:port``.
 
     Raises:
         ConfigurationError: bad security settings, an address that cannot be bound, or a
@@ -689,7 +705,8 @@ async def serve(
         if limits is not None:
             runtime_kwargs["limits"] = limits
         runtime = AsyncRuntime(**runtime_kwargs)
-        runtime.add_observer(AccessLog())
+        access_log = AccessLog()
+        runtime.add_observer(access_log)
         async with contextlib.AsyncExitStack() as stack:
             interceptors: list[grpc.aio.ServerInterceptor] = []
             if metrics_listen is not None:
@@ -705,7 +722,8 @@ async def serve(
                                      invoke_many_window=invoke_many_window,
                                      max_message_bytes=max_message_bytes, ready=ready,
                                      stop=stop, credentials=credentials,
-                                     interceptors=interceptors, tokens=tokens)
+                                     interceptors=interceptors, tokens=tokens,
+                                     node_name=node_name, access_log=access_log)
             finally:
                 await runtime.aclose(grace_s=min(grace_s, 1.0))
     finally:
@@ -776,7 +794,8 @@ async def _serve_runtime(runtime: AsyncRuntime, store: FunctionStore, address: s
                          stop: asyncio.Event | None,
                          credentials: grpc.ServerCredentials | None = None,
                          interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
-                         tokens: TokenTable | None = None) -> None:
+                         tokens: TokenTable | None = None, node_name: str | None = None,
+                         access_log: AccessLog | None = None) -> None:
     stop = stop if stop is not None else asyncio.Event()
     loop = asyncio.get_running_loop()
     signals = [signal.SIGTERM, signal.SIGINT]
@@ -790,17 +809,20 @@ async def _serve_runtime(runtime: AsyncRuntime, store: FunctionStore, address: s
         handle = create_server(runtime, address, store=store,
                                invoke_many_window=invoke_many_window,
                                max_message_bytes=max_message_bytes, credentials=credentials,
-                               interceptors=interceptors)
+                               interceptors=interceptors, node=node_name)
+        if access_log is not None:
+            access_log.node = handle.servicer.node
         await handle.servicer.load_store()
         await handle.server.start()
         await _set_serving(handle)
         host = address if handle.port == 0 else address.rsplit(":", 1)[0]
         shown = host if handle.port == 0 else f"{host}:{handle.port}"
-        log.info("sandbox serving %s on %s (tls %s, auth %s)", SERVICE_NAME, shown,
-                 "on" if credentials is not None else "off",
+        log.info("sandbox serving %s on %s as %s (tls %s, auth %s)", SERVICE_NAME, shown,
+                 handle.servicer.node, "on" if credentials is not None else "off",
                  "on" if tokens is not None else "off",
                  extra={"event": "listening", "fields": {
-                     "address": shown, "tls": credentials is not None,
+                     "address": shown, "node": handle.servicer.node,
+                     "tls": credentials is not None,
                      "auth": tokens is not None}})
         if ready is not None:
             ready(host, handle.port)

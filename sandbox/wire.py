@@ -69,11 +69,13 @@ def limits_from_proto(msg: pb.Limits, present: bool = True) -> Limits | None:
         raise InvalidRequest(str(exc)) from None
 
 
-def result_to_proto(result: InvocationResult, content_type: str) -> pb.InvokeResponse:
+def result_to_proto(result: InvocationResult, content_type: str, node: str = ""
+                    ) -> pb.InvokeResponse:
+    """``node``: the server's name, for ``stats.node`` (the result's own when empty)."""
     s = result.stats
     stats = pb.Stats(queue_s=s.queue_s, startup_s=s.startup_s, run_s=s.run_s,
                      cold_start=s.cold_start, forked_on_demand=s.forked_on_demand,
-                     worker_invocations=s.worker_invocations)
+                     worker_invocations=s.worker_invocations, node=node or s.node)
     if s.cpu_s is not None:
         stats.cpu_s = s.cpu_s
     if s.peak_memory_bytes is not None:
@@ -108,7 +110,7 @@ def result_from_proto(msg: pb.InvokeResponse,
         cold_start=s.cold_start, forked_on_demand=s.forked_on_demand,
         worker_pid=s.worker_pid if s.HasField("worker_pid") else None,
         worker_invocations=s.worker_invocations,
-        function_s=s.function_s if s.HasField("function_s") else None)
+        function_s=s.function_s if s.HasField("function_s") else None, node=s.node)
     error = (ErrorInfo(msg.error.type, msg.error.message, msg.error.traceback)
              if msg.HasField("error") else None)
     value = None

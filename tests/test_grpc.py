@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import socket
 import subprocess
 import sys
 import threading
@@ -174,6 +175,17 @@ def test_info(client: Client) -> None:
         assert set(layer) == {"available", "enabled", "reason"}
     assert info["limits"]["wall_timeout_s"] is not None
     assert info["invoke_many_window"] >= 1
+
+
+def test_node_identity_defaults_to_hostname_port(server: ServerProcess, client: Client) -> None:
+    """Without --node-name the server is ``hostname:port``, in GetInfo and in every result's
+    stats, unary, streamed and over InvokeMany."""
+    node = f"{socket.gethostname()}:{server.port}"
+    assert client.info()["node"] == node
+    assert client.invoke("echo", {"x": 1}).stats.node == node
+    assert client.stream("echo", {"x": 1}).result().stats.node == node
+    many = list(client.invoke_many([Invocation("echo", 1, id="a"), Invocation("echo", 2, id="b")]))
+    assert [r.stats.node for r in many if isinstance(r, InvocationResult)] == [node, node]
 
 
 # ---------------------------------------------------------------------------------------------

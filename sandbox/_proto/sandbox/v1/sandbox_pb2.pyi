@@ -165,7 +165,7 @@ class ErrorInfo(_message.Message):
     def __init__(self, type: _Optional[str] = ..., message: _Optional[str] = ..., traceback: _Optional[str] = ...) -> None: ...
 
 class Stats(_message.Message):
-    __slots__ = ("queue_s", "startup_s", "run_s", "cpu_s", "peak_memory_bytes", "cold_start", "forked_on_demand", "worker_pid", "worker_invocations", "function_s")
+    __slots__ = ("queue_s", "startup_s", "run_s", "cpu_s", "peak_memory_bytes", "cold_start", "forked_on_demand", "worker_pid", "worker_invocations", "function_s", "node")
     QUEUE_S_FIELD_NUMBER: _ClassVar[int]
     STARTUP_S_FIELD_NUMBER: _ClassVar[int]
     RUN_S_FIELD_NUMBER: _ClassVar[int]
@@ -176,6 +176,7 @@ class Stats(_message.Message):
     WORKER_PID_FIELD_NUMBER: _ClassVar[int]
     WORKER_INVOCATIONS_FIELD_NUMBER: _ClassVar[int]
     FUNCTION_S_FIELD_NUMBER: _ClassVar[int]
+    NODE_FIELD_NUMBER: _ClassVar[int]
     queue_s: float
     startup_s: float
     run_s: float
@@ -186,7 +187,8 @@ class Stats(_message.Message):
     worker_pid: int
     worker_invocations: int
     function_s: float
-    def __init__(self, queue_s: _Optional[float] = ..., startup_s: _Optional[float] = ..., run_s: _Optional[float] = ..., cpu_s: _Optional[float] = ..., peak_memory_bytes: _Optional[int] = ..., cold_start: _Optional[bool] = ..., forked_on_demand: _Optional[bool] = ..., worker_pid: _Optional[int] = ..., worker_invocations: _Optional[int] = ..., function_s: _Optional[float] = ...) -> None: ...
+    node: str
+    def __init__(self, queue_s: _Optional[float] = ..., startup_s: _Optional[float] = ..., run_s: _Optional[float] = ..., cpu_s: _Optional[float] = ..., peak_memory_bytes: _Optional[int] = ..., cold_start: _Optional[bool] = ..., forked_on_demand: _Optional[bool] = ..., worker_pid: _Optional[int] = ..., worker_invocations: _Optional[int] = ..., function_s: _Optional[float] = ..., node: _Optional[str] = ...) -> None: ...
 
 class InvokeRequest(_message.Message):
     __slots__ = ("function", "version", "payload", "content_type", "limits", "id")
@@ -341,7 +343,7 @@ class IsolationLayer(_message.Message):
     def __init__(self, name: _Optional[str] = ..., available: _Optional[bool] = ..., enabled: _Optional[bool] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class GetInfoResponse(_message.Message):
-    __slots__ = ("version", "profiles", "pools", "isolation", "default_limits", "max_limits", "invoke_many_window", "max_message_bytes", "running", "max_concurrency", "queued", "max_queue", "isolation_mode", "view")
+    __slots__ = ("version", "profiles", "pools", "isolation", "default_limits", "max_limits", "invoke_many_window", "max_message_bytes", "running", "max_concurrency", "queued", "max_queue", "isolation_mode", "view", "node")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     PROFILES_FIELD_NUMBER: _ClassVar[int]
     POOLS_FIELD_NUMBER: _ClassVar[int]
@@ -356,6 +358,7 @@ class GetInfoResponse(_message.Message):
     MAX_QUEUE_FIELD_NUMBER: _ClassVar[int]
     ISOLATION_MODE_FIELD_NUMBER: _ClassVar[int]
     VIEW_FIELD_NUMBER: _ClassVar[int]
+    NODE_FIELD_NUMBER: _ClassVar[int]
     version: str
     profiles: _containers.RepeatedCompositeFieldContainer[Profile]
     pools: _containers.RepeatedCompositeFieldContainer[Pool]
@@ -370,7 +373,8 @@ class GetInfoResponse(_message.Message):
     max_queue: int
     isolation_mode: str
     view: FilesystemView
-    def __init__(self, version: _Optional[str] = ..., profiles: _Optional[_Iterable[_Union[Profile, _Mapping]]] = ..., pools: _Optional[_Iterable[_Union[Pool, _Mapping]]] = ..., isolation: _Optional[_Iterable[_Union[IsolationLayer, _Mapping]]] = ..., default_limits: _Optional[_Union[Limits, _Mapping]] = ..., max_limits: _Optional[_Union[Limits, _Mapping]] = ..., invoke_many_window: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., running: _Optional[int] = ..., max_concurrency: _Optional[int] = ..., queued: _Optional[int] = ..., max_queue: _Optional[int] = ..., isolation_mode: _Optional[str] = ..., view: _Optional[_Union[FilesystemView, _Mapping]] = ...) -> None: ...
+    node: str
+    def __init__(self, version: _Optional[str] = ..., profiles: _Optional[_Iterable[_Union[Profile, _Mapping]]] = ..., pools: _Optional[_Iterable[_Union[Pool, _Mapping]]] = ..., isolation: _Optional[_Iterable[_Union[IsolationLayer, _Mapping]]] = ..., default_limits: _Optional[_Union[Limits, _Mapping]] = ..., max_limits: _Optional[_Union[Limits, _Mapping]] = ..., invoke_many_window: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., running: _Optional[int] = ..., max_concurrency: _Optional[int] = ..., queued: _Optional[int] = ..., max_queue: _Optional[int] = ..., isolation_mode: _Optional[str] = ..., view: _Optional[_Union[FilesystemView, _Mapping]] = ..., node: _Optional[str] = ...) -> None: ...
 
 class FilesystemView(_message.Message):
     __slots__ = ("minimal", "read_only", "paths", "devices", "hidden", "private")

@@ -149,3 +149,19 @@ def cgroup_report() -> dict[str, object]:
         return {"available": manager.available, **manager.report.to_dict()}
     finally:
         manager.close()
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[object]:
+    """A PostgreSQL server shared by the session (tests/postgres.py); skips, saying why,
+    where none can be started. Take a fresh database per test with ``postgres.database()``."""
+    from postgres import Postgres, unavailable
+
+    reason = unavailable()
+    if reason is not None:
+        pytest.skip(reason)
+    server = Postgres()
+    try:
+        yield server
+    finally:
+        server.close()

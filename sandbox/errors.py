@@ -12,6 +12,7 @@ call itself or the runtime::
     ├── InvalidRequest              malformed event, payload or limits           → INVALID_ARGUMENT
     ├── Overloaded                  the bounded queue is full                → RESOURCE_EXHAUSTED
     ├── ShuttingDown                the runtime is closing or closed             → UNAVAILABLE
+    ├── StoreUnavailable            a fleet's shared store cannot be reached     → UNAVAILABLE
     ├── InvocationFailed            raised by ``InvocationResult.unwrap()`` for a non-OK outcome
     └── ProtocolError               a peer broke the wire protocol (internal; a worker doing
         └── FrameTooLarge           so is classified CRASHED, never propagated to a caller)
@@ -41,6 +42,7 @@ __all__ = [
     "ProtocolError",
     "SandboxError",
     "ShuttingDown",
+    "StoreUnavailable",
 ]
 
 
@@ -74,6 +76,11 @@ class Overloaded(SandboxError):
 
 class ShuttingDown(SandboxError):
     """The runtime is closing or closed and accepts no new invocations."""
+
+
+class StoreUnavailable(SandboxError):
+    """The shared function store (PostgreSQL) cannot be reached: the deploy or delete was not
+    made. Calls of functions already deployed go on."""
 
 
 class InvocationFailed(SandboxError):

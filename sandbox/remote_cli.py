@@ -135,7 +135,7 @@ def _serve(args: argparse.Namespace) -> int:
             grace_s=args.grace, invoke_many_window=args.invoke_many_window,
             max_message_bytes=args.max_message_size, ready=ready, isolation=args.isolation,
             security=security, metrics_listen=args.metrics_listen,
-            metrics_ready=metrics_ready, node_name=args.node_name))
+            metrics_ready=metrics_ready, node_name=args.node_name, store_url=args.store))
     except SandboxError as exc:
         return _fail(exc)
     return 0
@@ -318,6 +318,10 @@ def add_subcommands(subparsers: Any) -> None:
                         "admin, TOKEN the secret or sha256:HEX; reloaded on SIGHUP")
     p.add_argument("--insecure", action="store_true",
                    help="allow a non-loopback --listen without TLS and tokens")
+    p.add_argument("--store", default=os.environ.get("SANDBOX_STORE") or None, metavar="URL",
+                   help="a fleet's shared function store, postgresql://USER:PASSWORD@HOST/DB: "
+                        "every server given the same URL serves the same functions, mirrored "
+                        "in --state-dir (default: $SANDBOX_STORE, else --state-dir alone)")
     p.add_argument("--node-name", default=os.environ.get("SANDBOX_NODE_NAME") or None,
                    metavar="NAME",
                    help="this server's name in a fleet, reported by GetInfo, in every "

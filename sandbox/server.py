@@ -58,6 +58,7 @@ from sandbox.errors import (
     ProfileError,
     SandboxError,
     ShuttingDown,
+    StoreUnavailable,
 )
 from sandbox.limits import Limits
 from sandbox.observe import CALL_ORIGIN, Origin, otel_requested
@@ -69,7 +70,7 @@ from sandbox.security import (
     server_credentials,
     unix_socket_path,
 )
-from sandbox.store import FunctionStore, StoredFunction, check_name, profile_name
+from sandbox.store import FunctionStore, Store, StoredFunction, check_name, profile_name
 from sandbox.wire import (
     CONTENT_TYPES,
     DEFAULT_MAX_MESSAGE_BYTES,
@@ -114,6 +115,7 @@ STATUS_TABLE: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (ProfileError, grpc.StatusCode.INVALID_ARGUMENT),  # a deployment's preload cannot import
     (Overloaded, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (ShuttingDown, grpc.StatusCode.UNAVAILABLE),
+    (StoreUnavailable, grpc.StatusCode.UNAVAILABLE),
     (ConfigurationError, grpc.StatusCode.FAILED_PRECONDITION),
     (TimeoutError, grpc.StatusCode.DEADLINE_EXCEEDED),
 )
@@ -178,7 +180,7 @@ class SandboxServicer(pb_grpc.SandboxServicer):
             ``stats.node`` (default: the host's name).
     """
 
-    def __init__(self, runtime: AsyncRuntime, store: FunctionStore | None = None, *,
+    def __init__(self, runtime: AsyncRuntime, store: Store | None = None, *,
                  invoke_many_window: int = DEFAULT_INVOKE_MANY_WINDOW,
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
                  node: str | None = None) -> None:
@@ -191,6 +193,7 @@ class SandboxServicer(pb_grpc.SandboxServicer):
         self.node = node if node else socket.gethostname()
         self.draining = False
         self._deploy_lock = asyncio.Lock()
+        self._following: set[asyncio.Task[None]] = set()
 
     # -- the one place errors become status codes ---------------------------------------------
     @contextlib.asynccontextmanager
@@ -346,12 +349,47 @@ class SandboxServicer(pb_grpc.SandboxServicer):
 
     # -- helpers -----------------------------------------------------------------------------
     async def load_store(self) -> None:
-        """Register every stored function version with the runtime (at start)."""
+        """Register every stored function version with the runtime (at start), then follow
+        the changes other nodes make to a shared store."""
         if self.store is None:
             return
         for stored in self.store.functions(all_versions=True):
             await self._ensure_profile(sorted(set(stored.preload)))
             self._register(stored)
+        loop = asyncio.get_running_loop()
+
+        def changed(added: list[StoredFunction], removed: list[StoredFunction]) -> None:
+            # The store's listener thread: hand the change to the loop.
+            loop.call_soon_threadsafe(self._follow, added, removed)
+
+        self.store.watch(changed)
+
+    def _follow(self, added: list[StoredFunction], removed: list[StoredFunction]) -> None:
+        task = asyncio.get_running_loop().create_task(self._follow_store(added, removed))
+        self._following.add(task)
+        task.add_done_callback(self._following.discard)
+
+    async def _follow_store(self, added: list[StoredFunction],
+                            removed: list[StoredFunction]) -> None:
+        """Serve what another node deployed, stop serving what it deleted."""
+        async with self._deploy_lock:
+            registered = {(f.name, f.version) for f in self.runtime.functions()}
+            for stored in removed:
+                if (stored.name, stored.version) in registered:
+                    with contextlib.suppress(FunctionNotFound):
+                        self.runtime.unregister(stored.name, stored.version)
+            for stored in added:
+                if (stored.name, stored.version) in registered:
+                    continue
+                try:
+                    await self._ensure_profile(sorted(set(stored.preload)))
+                    self._register(stored)
+                except (SandboxError, OSError) as exc:
+                    log.error("cannot serve %s version %d deployed by another node: %s",
+                              stored.name, stored.version, exc,
+                              extra={"event": "store_sync_failed", "fields": {
+                                  "function": stored.name, "version": stored.version,
+                                  "error": str(exc)}})
 
     async def _ensure_profile(self, modules: Sequence[str]) -> None:
         name = profile_name(modules)
@@ -544,7 +582,7 @@ class ServerHandle:
 
 
 def create_server(runtime: AsyncRuntime, address: str = "127.0.0.1:0", *,
-                  store: FunctionStore | None = None,
+                  store: Store | None = None,
                   invoke_many_window: int = DEFAULT_INVOKE_MANY_WINDOW,
                   max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
                   credentials: grpc.ServerCredentials | None = None,
@@ -670,6 +708,7 @@ async def serve(
     metrics_listen: str | None = None,
     metrics_ready: Callable[[str], None] | None = None,
     node_name: str | None = None,
+    store_url: str | None = None,
 ) -> None:
     """Run ``sandbox serve`` until SIGTERM/SIGINT (or ``stop`` is set), then drain.
 
@@ -679,7 +718,9 @@ async def serve(
     on a unix socket); ``metrics_ready(url)`` once ``/metrics`` is served on
     ``metrics_listen``. ``security`` is checked before anything starts. ``node_name`` names
     this server in a fleet (GetInfo, every result's ``stats.node``, the access log); default
-    ``hostname:port``.
+    ``hostname:port``. ``store_url``: a ``postgresql://`` URL makes the function store a fleet's
+    shared one (:mod:`sandbox.pgstore`), mirrored in ``state_dir``; None keeps functions in
+    ``state_dir`` alone.
 
     Raises:
         ConfigurationError: bad security settings, an address that cannot be bound, or a
@@ -689,7 +730,8 @@ async def serve(
     from sandbox.runtime import AsyncRuntime  # the runtime pulls in the process machinery
 
     credentials, tokens = (security or Security()).check(address)
-    store = FunctionStore(default_state_dir() if state_dir is None else state_dir)
+    store = open_store(store_url, default_state_dir() if state_dir is None else state_dir,
+                       node=node_name or socket.gethostname())
     try:
         profiles: dict[str, list[str]] = {}
         for modules in [*preload, *(fn.preload for fn in store.functions(all_versions=True))]:
@@ -788,7 +830,25 @@ def _start_tracing(runtime: AsyncRuntime, stack: contextlib.AsyncExitStack) -> N
                  "exporters": os.environ.get("OTEL_TRACES_EXPORTER", "otlp")}})
 
 
-async def _serve_runtime(runtime: AsyncRuntime, store: FunctionStore, address: str, *,
+def open_store(url: str | None, state_dir: str | Path, *, node: str = "") -> Store:
+    """The function store ``sandbox serve --store`` names: None (or a path) is the state
+    directory itself; ``postgresql://...`` a fleet's shared store mirrored in it.
+
+    Raises:
+        ConfigurationError: an unknown kind of store, a state directory in use, a schema
+            newer than this version.
+    """
+    if url is None or not url.strip():
+        return FunctionStore(state_dir)
+    from sandbox.pgstore import PostgresStore, is_postgres_url
+
+    if is_postgres_url(url):
+        return PostgresStore(url, state_dir, node=node)
+    raise ConfigurationError(f"--store {url.split('://')[0]}://...: only postgresql:// URLs "
+                             "are known (without --store, functions stay in --state-dir)")
+
+
+async def _serve_runtime(runtime: AsyncRuntime, store: Store, address: str, *,
                          grace_s: float, invoke_many_window: int, max_message_bytes: int,
                          ready: Callable[[str, int], None] | None,
                          stop: asyncio.Event | None,

@@ -43,9 +43,9 @@ import tempfile
 import threading
 import time
 import zipfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from sandbox._logging import get_logger
 from sandbox.errors import ConfigurationError, FunctionNotFound, InvalidRequest
@@ -55,6 +55,7 @@ __all__ = [
     "DEFAULT_HANDLER",
     "FunctionStore",
     "SourceFormat",
+    "Store",
     "StoredFunction",
     "detect_format",
     "profile_name",
@@ -183,6 +184,31 @@ class StoredFunction:
         )
 
 
+class Store(Protocol):
+    """What the server needs of a function store: this directory (:class:`FunctionStore`), or
+    a fleet's shared one (:class:`sandbox.pgstore.PostgresStore`, mirrored in a directory).
+
+    Reads are local (a bundle is a file under ``root``); ``deploy`` and ``delete`` may fail
+    with :class:`~sandbox.errors.StoreUnavailable` where the store is remote.
+    """
+
+    root: Path
+
+    def bundle_path(self, fn: StoredFunction) -> Path: ...
+    def get(self, name: str, version: int | None = None) -> StoredFunction: ...
+    def versions(self, name: str) -> list[int]: ...
+    def functions(self, all_versions: bool = False) -> list[StoredFunction]: ...
+    def deploy(self, name: str, source: bytes, *, handler: str = "",
+               preload: Sequence[str] = (), limits: Limits | None = None,
+               source_format: SourceFormat | None = None, created: float | None = None,
+               reuse: int = 1) -> StoredFunction: ...
+    def delete(self, name: str, version: int | None = None) -> list[int]: ...
+    def watch(self, listener: Callable[[list[StoredFunction], list[StoredFunction]], None]
+              ) -> None: ...
+    def describe(self) -> str: ...
+    def close(self) -> None: ...
+
+
 @dataclasses.dataclass(slots=True)
 class _Entry:
     next_version: int = 1
@@ -250,6 +276,13 @@ class FunctionStore:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def describe(self) -> str:
+        return str(self.root)
+
+    def watch(self, listener: Callable[[list[StoredFunction], list[StoredFunction]], None]
+              ) -> None:
+        """Nothing but this server changes a directory store: no listener is ever called."""
 
     def _load(self) -> None:
         try:
@@ -339,26 +372,9 @@ class FunctionStore:
                 UTF-8, not a valid zip, an entry escaping the bundle, the handler's module
                 missing).
         """
-        check_name(name)
-        reuse = check_reuse(reuse)
-        if source_format is None:
-            source_format = detect_format(source)
-        if len(source) > self.max_source_bytes:
-            raise InvalidRequest(f"source is {len(source)} bytes; the limit is "
-                                 f"{self.max_source_bytes}")
-        handler = normalize_handler(handler, source_format)
-        preload_t = tuple(dict.fromkeys(preload))
-        for module in preload_t:
-            if not _MODULE_RE.match(module):
-                raise InvalidRequest(f"preload: {module!r} is not a module name")
-        if source_format == "python":
-            try:
-                source.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise InvalidRequest(f"source is not UTF-8 Python: {exc}") from None
-        else:
-            self._check_zip(source, handler.partition(":")[0])
-        digest = hashlib.sha256(source).hexdigest()
+        handler, preload_t, source_format, digest, reuse = check_deploy(
+            name, source, handler=handler, preload=preload, source_format=source_format,
+            reuse=reuse, check_zip=self._check_zip, max_source_bytes=self.max_source_bytes)
         with self._lock:
             if self._lock_fd is None:
                 raise ConfigurationError("the function store is closed")
@@ -423,6 +439,55 @@ class FunctionStore:
                         (self.bundles / fn.digest).rmdir()
             return [fn.version for fn in doomed]
 
+    # -- a mirror of a shared store ----------------------------------------------------------
+    def mirror(self, functions: Sequence[StoredFunction], next_versions: dict[str, int],
+               fetch: Callable[[list[str]], dict[str, bytes]]
+               ) -> tuple[list[StoredFunction], list[StoredFunction]]:
+        """Make this store hold exactly ``functions`` (the versions a shared store has), as a
+        local cache of it: bundles not here yet are fetched (``fetch(digests)`` returns each
+        digest's bytes, checked against the digest), bundles no longer named are removed, and
+        the index is written, so a restart while the shared store is unreachable still
+        serves the last known functions. Returns ``(added, removed)``.
+
+        Raises:
+            ConfigurationError: a fetched bundle does not match its digest, or is missing.
+        """
+        with self._lock:
+            if self._lock_fd is None:
+                raise ConfigurationError("the function store is closed")
+            before = {(fn.name, fn.version): fn for e in self._entries.values()
+                      for fn in e.versions}
+            after = {(fn.name, fn.version): fn for fn in functions}
+            missing = sorted({fn.digest for fn in functions if not self.bundle_path(fn).is_file()})
+            sources = fetch(missing) if missing else {}
+            for fn in functions:
+                if self.bundle_path(fn).is_file():
+                    continue
+                source = sources.get(fn.digest)
+                if source is None or hashlib.sha256(source).hexdigest() != fn.digest:
+                    raise ConfigurationError(
+                        f"bundle {fn.digest} of {fn.name} version {fn.version} is missing from "
+                        "the shared store or does not match its digest")
+                self._write_bundle(fn, source)
+            entries: dict[str, _Entry] = {}
+            for fn in sorted(functions, key=lambda f: (f.name, f.version)):
+                entry = entries.setdefault(fn.name, _Entry(next_versions.get(fn.name, 1)))
+                entry.versions.append(fn)
+                entry.next_version = max(entry.next_version, fn.version + 1)
+            for name, next_version in next_versions.items():
+                entries.setdefault(name, _Entry(next_version))
+            self._entries = entries
+            self._write_index()
+            kept = {(fn.digest, fn.bundle_file) for fn in functions}
+            for key, fn in before.items():
+                if key not in after and (fn.digest, fn.bundle_file) not in kept:
+                    with contextlib.suppress(FileNotFoundError):
+                        self.bundle_path(fn).unlink()
+                    with contextlib.suppress(OSError):  # not empty: another module name
+                        (self.bundles / fn.digest).rmdir()
+            return ([fn for key, fn in after.items() if key not in before],
+                    [fn for key, fn in before.items() if key not in after])
+
     # -- internals ---------------------------------------------------------------------------
     def _check_zip(self, source: bytes, module: str) -> None:
         try:
@@ -466,6 +531,38 @@ class FunctionStore:
             },
         }
         _atomic_write(self.index_path, json.dumps(data, indent=1, sort_keys=True).encode())
+
+
+def check_deploy(name: str, source: bytes, *, handler: str, preload: Sequence[str],
+                 source_format: SourceFormat | None, reuse: int,
+                 check_zip: Callable[[bytes, str], None], max_source_bytes: int
+                 ) -> tuple[str, tuple[str, ...], SourceFormat, str, int]:
+    """Everything a store checks before it keeps a deployment, in one place for every store.
+
+    Returns ``(handler, preload, source_format, digest, reuse)`` as stored.
+
+    Raises:
+        InvalidRequest: bad name, handler, preload module, reuse, or source.
+    """
+    check_name(name)
+    reuse = check_reuse(reuse)
+    if source_format is None:
+        source_format = detect_format(source)
+    if len(source) > max_source_bytes:
+        raise InvalidRequest(f"source is {len(source)} bytes; the limit is {max_source_bytes}")
+    handler = normalize_handler(handler, source_format)
+    preload_t = tuple(dict.fromkeys(preload))
+    for module in preload_t:
+        if not _MODULE_RE.match(module):
+            raise InvalidRequest(f"preload: {module!r} is not a module name")
+    if source_format == "python":
+        try:
+            source.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise InvalidRequest(f"source is not UTF-8 Python: {exc}") from None
+    else:
+        check_zip(source, handler.partition(":")[0])
+    return handler, preload_t, source_format, hashlib.sha256(source).hexdigest(), reuse
 
 
 def check_name(name: str) -> None:

@@ -1,0 +1,447 @@
+"""The function store of a fleet: functions, versions and bundles in PostgreSQL.
+
+Every supervisor of a fleet points ``sandbox serve --store postgresql://...`` at one database.
+A deploy, new version or delete made through any of them is committed there with a
+``NOTIFY``, and every other supervisor, listening, reads the change and serves it (well within
+a second). A supervisor started later reads everything at start. Nothing here is home-made
+consensus: version numbers come from one row per name updated in the deploy's transaction, so
+concurrent deploys of a name through two supervisors get two versions, never one lost.
+
+Schema (versioned in ``sandbox_schema``; created or migrated at start, under an advisory lock,
+so replicas starting together migrate once)::
+
+    sandbox_functions (name PK, next_version)        version numbers are never reused
+    sandbox_bundles   (digest PK, content, size)     content-addressed: stored once, however
+                                                     many functions or versions use it
+    sandbox_versions  (name, version) PK, digest FK  one deployed version (its metadata as
+                      -> sandbox_bundles, meta jsonb the local index keeps it)
+
+Each supervisor keeps a local mirror: a :class:`~sandbox.store.FunctionStore` in its own state
+directory holding the versions the database has and their bundles (fetched once per digest).
+Everything the runtime reads (functions, versions, bundle files) comes from that mirror, never
+from the database on a call's path. So while the database is away, calls go on for every
+function already mirrored, even across a restart of the supervisor; deploys and deletes fail
+with :class:`StoreUnavailable` (gRPC ``UNAVAILABLE``) and a message that says so; and when the
+database is back the listener reconnects, reads what changed meanwhile, and carries on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from sandbox._logging import get_logger
+from sandbox.errors import ConfigurationError, FunctionNotFound, StoreUnavailable
+from sandbox.limits import Limits
+from sandbox.store import FunctionStore, SourceFormat, StoredFunction, check_deploy
+
+if TYPE_CHECKING:
+    import psycopg
+    from psycopg_pool import ConnectionPool
+
+__all__ = ["SCHEMA_VERSION", "PostgresStore", "StoreUnavailable", "is_postgres_url",
+           "redact"]
+
+log = get_logger(__name__)
+
+#: The notification channel every supervisor listens on.
+CHANNEL = "sandbox_functions"
+#: Serialises schema changes of replicas starting together (an arbitrary, fixed key).
+_SCHEMA_LOCK_KEY = 0x5A4E_D80C
+
+#: Schema migrations, in order: ``MIGRATIONS[n]`` takes the schema from version n to n + 1.
+MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE sandbox_functions (
+        name          text PRIMARY KEY,
+        next_version  integer NOT NULL
+    );
+    CREATE TABLE sandbox_bundles (
+        digest      text PRIMARY KEY CHECK (digest ~ '^[0-9a-f]{64}$'),
+        content     bytea NOT NULL,
+        size_bytes  bigint NOT NULL,
+        created     timestamptz NOT NULL DEFAULT now()
+    );
+    CREATE TABLE sandbox_versions (
+        name     text NOT NULL REFERENCES sandbox_functions (name),
+        version  integer NOT NULL,
+        digest   text NOT NULL REFERENCES sandbox_bundles (digest),
+        meta     jsonb NOT NULL,
+        created  timestamptz NOT NULL DEFAULT now(),
+        PRIMARY KEY (name, version)
+    );
+    CREATE INDEX sandbox_versions_digest ON sandbox_versions (digest);
+    """,
+)
+SCHEMA_VERSION = len(MIGRATIONS)
+
+#: How long a deploy or delete waits for a database connection before it fails UNAVAILABLE.
+CONNECT_TIMEOUT_S = 5.0
+#: How long the first read at start may take before the mirror on disk is served instead.
+START_TIMEOUT_S = 10.0
+#: The listener's reconnection backoff, seconds: doubles from the first to the second.
+RECONNECT_BACKOFF_S = (0.2, 5.0)
+
+
+def is_postgres_url(store: str) -> bool:
+    return store.startswith(("postgresql://", "postgres://"))
+
+
+def redact(url: str) -> str:
+    """``url`` without its password, for logs and messages."""
+    from psycopg.conninfo import conninfo_to_dict
+
+    try:
+        params = conninfo_to_dict(url)
+    except Exception:  # a URL psycopg cannot parse: show nothing of it
+        return "postgresql://<unparsable>"
+    user = f"{params['user']}@" if params.get("user") else ""
+    host = params.get("host", "")
+    port = f":{params['port']}" if params.get("port") else ""
+    return f"postgresql://{user}{host}{port}/{params.get('dbname', '')}"
+
+
+Listener = Callable[[list[StoredFunction], list[StoredFunction]], None]
+
+
+class PostgresStore:
+    """Functions in PostgreSQL, mirrored under ``state_dir``. Thread-safe.
+
+    Reads (:meth:`get`, :meth:`versions`, :meth:`functions`, :meth:`bundle_path`) are served
+    by the local mirror. :meth:`deploy` and :meth:`delete` are transactions in the database
+    (then applied to the mirror at once). Changes made by other supervisors reach the mirror
+    through a listener thread, and each one that does is passed to the callbacks given to
+    :meth:`watch` as ``(added, removed)``.
+
+    Args:
+        url: ``postgresql://user:password@host:port/dbname`` (any libpq URL or parameters).
+        state_dir: this supervisor's own directory for the mirror (locked while open).
+        node: this supervisor's name, sent with its notifications (for the logs).
+        max_source_bytes: largest source accepted (as the local store).
+
+    Raises:
+        ConfigurationError: the state directory is in use, or the database's schema is newer
+            than this version understands.
+    """
+
+    def __init__(self, url: str, state_dir: str | Path, *, node: str = "",
+                 max_source_bytes: int = 64 * 1024 * 1024) -> None:
+        from psycopg_pool import ConnectionPool
+
+        self.url = url
+        self.node = node
+        self.cache = FunctionStore(state_dir, max_source_bytes=max_source_bytes)
+        self.root = self.cache.root
+        self._sync = threading.Lock()  # one change of the mirror at a time: refresh or ours
+        self._listeners: list[Listener] = []
+        self._closed = threading.Event()
+        self._connected = threading.Event()
+        self._pool: ConnectionPool[Any] = ConnectionPool(
+            url, min_size=1, max_size=4, open=False, timeout=CONNECT_TIMEOUT_S,
+            check=ConnectionPool.check_connection, name="sandbox-store",
+            kwargs={"connect_timeout": int(CONNECT_TIMEOUT_S), "autocommit": False,
+                    "application_name": f"sandbox {node}".strip()})
+        self._pool.open(wait=False)
+        self._thread = threading.Thread(target=self._listen, name="sandbox-store-listener",
+                                        daemon=True)
+        self._thread.start()
+        if not self._connected.wait(START_TIMEOUT_S) and not self._closed.is_set():
+            log.error("the function store %s cannot be reached; serving the %d function "
+                      "versions mirrored in %s until it can (deploys fail meanwhile)",
+                      redact(url), len(self.cache.functions(all_versions=True)), self.root,
+                      extra={"event": "store_unavailable", "fields": {"store": redact(url)}})
+        if self._schema_error is not None:
+            self.close()
+            raise self._schema_error
+
+    _schema_error: ConfigurationError | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def close(self) -> None:
+        """Stop listening, close the connections, release the state directory. Idempotent."""
+        self._closed.set()
+        self._thread.join(10.0)
+        self._pool.close(timeout=5.0)
+        self.cache.close()
+
+    def __enter__(self) -> PostgresStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def describe(self) -> str:
+        return redact(self.url)
+
+    @property
+    def connected(self) -> bool:
+        """Whether the listener is connected now (the mirror follows the database)."""
+        return self._connected.is_set()
+
+    def watch(self, listener: Listener) -> None:
+        """Call ``listener(added, removed)`` (from the listener's thread) after each change
+        made by another supervisor reaches the mirror."""
+        self._listeners.append(listener)
+
+    # -- reads: the mirror -------------------------------------------------------------------
+    def bundle_path(self, fn: StoredFunction) -> Path:
+        return self.cache.bundle_path(fn)
+
+    def get(self, name: str, version: int | None = None) -> StoredFunction:
+        return self.cache.get(name, version)
+
+    def versions(self, name: str) -> list[int]:
+        return self.cache.versions(name)
+
+    def functions(self, all_versions: bool = False) -> list[StoredFunction]:
+        return self.cache.functions(all_versions)
+
+    # -- changes: the database ---------------------------------------------------------------
+    def deploy(self, name: str, source: bytes, *, handler: str = "",
+               preload: Sequence[str] = (), limits: Limits | None = None,
+               source_format: SourceFormat | None = None, created: float | None = None,
+               reuse: int = 1) -> StoredFunction:
+        """Store the bundle (once per digest) and the next version of ``name``.
+
+        Raises:
+            InvalidRequest: as the local store.
+            StoreUnavailable: the database cannot be reached; nothing was deployed.
+        """
+        import psycopg
+        from psycopg.types.json import Jsonb
+
+        handler, preload_t, fmt, digest, reuse = check_deploy(
+            name, source, handler=handler, preload=preload, source_format=source_format,
+            reuse=reuse, check_zip=self.cache._check_zip,
+            max_source_bytes=self.cache.max_source_bytes)
+        template = StoredFunction(
+            name=name, version=0, digest=digest, handler=handler, preload=preload_t,
+            limits=limits if limits is not None else Limits(),
+            created=time.time() if created is None else created, source_format=fmt,
+            source_size_bytes=len(source), reuse=reuse)
+        with self._sync:
+            for attempt in range(3):
+                try:
+                    with self._transaction() as conn:
+                        have = conn.execute("SELECT 1 FROM sandbox_bundles WHERE digest = %s",
+                                            (digest,)).fetchone()
+                        if have is None:
+                            conn.execute(
+                                "INSERT INTO sandbox_bundles (digest, content, size_bytes) "
+                                "VALUES (%s, %s, %s) ON CONFLICT (digest) DO NOTHING",
+                                (digest, source, len(source)))
+                        row = conn.execute(
+                            "INSERT INTO sandbox_functions AS f (name, next_version) "
+                            "VALUES (%s, 2) ON CONFLICT (name) DO UPDATE "
+                            "SET next_version = f.next_version + 1 "
+                            "RETURNING f.next_version - 1", (name,)).fetchone()
+                        assert row is not None
+                        fn = _with_version(template, int(row[0]))
+                        conn.execute(
+                            "INSERT INTO sandbox_versions (name, version, digest, meta) "
+                            "VALUES (%s, %s, %s, %s)",
+                            (name, fn.version, digest, Jsonb(fn.to_dict())))
+                        self._notify(conn, "deploy", name, [fn.version])
+                    break
+                except psycopg.errors.ForeignKeyViolation:
+                    # A delete elsewhere removed the bundle between our check and our
+                    # version's insert: the transaction rolled back; do it again.
+                    if attempt == 2:
+                        raise
+            self._apply_ours(added=[(fn, source)])
+        log.info("deployed %s version %d (%s, %d bytes) to %s", name, fn.version, digest[:12],
+                 len(source), self.describe())
+        return fn
+
+    def delete(self, name: str, version: int | None = None) -> list[int]:
+        """Delete one version, or every version, of ``name``; returns the versions deleted.
+
+        Raises:
+            FunctionNotFound: the database has no such function or version.
+            StoreUnavailable: the database cannot be reached; nothing was deleted.
+        """
+        import psycopg
+
+        with self._sync:
+            with self._transaction() as conn:
+                if version is None:
+                    rows = conn.execute("DELETE FROM sandbox_versions WHERE name = %s "
+                                        "RETURNING version, digest", (name,)).fetchall()
+                else:
+                    rows = conn.execute("DELETE FROM sandbox_versions WHERE name = %s AND "
+                                        "version = %s RETURNING version, digest",
+                                        (name, version)).fetchall()
+                if not rows:
+                    raise FunctionNotFound(f"no function named {name!r}" if version is None
+                                           else f"function {name!r} has no version {version}")
+                deleted = sorted(int(r[0]) for r in rows)
+                self._notify(conn, "delete", name, deleted)
+            # Bundles nobody uses any more; a deploy elsewhere reusing one meanwhile keeps it
+            # (its version's foreign key makes our delete of that row fail, harmlessly).
+            digests = sorted({str(r[1]) for r in rows})
+            with contextlib.suppress(psycopg.errors.ForeignKeyViolation,
+                                     StoreUnavailable), self._transaction() as conn:
+                conn.execute("DELETE FROM sandbox_bundles b WHERE b.digest = ANY(%s) AND NOT "
+                             "EXISTS (SELECT 1 FROM sandbox_versions v WHERE v.digest = "
+                             "b.digest)", (digests,))
+            gone = [fn for fn in self.cache.functions(all_versions=True)
+                    if fn.name == name and fn.version in deleted]
+            self._apply_ours(removed=gone)
+        return deleted
+
+    # -- internals ---------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[psycopg.Connection[Any]]:
+        """A connection in a transaction (committed on success); the database's absence is
+        :class:`StoreUnavailable`."""
+        import psycopg
+        from psycopg_pool import PoolTimeout
+
+        if self._closed.is_set():
+            raise ConfigurationError("the function store is closed")
+        try:
+            with self._pool.connection() as conn, conn.transaction():
+                yield conn
+        except (PoolTimeout, psycopg.OperationalError) as exc:
+            raise StoreUnavailable(
+                f"the function store {self.describe()} is unavailable ({_first_line(exc)}); "
+                "nothing was changed: try again when it is back (calls of deployed functions "
+                "go on meanwhile)") from exc
+
+    def _notify(self, conn: psycopg.Connection[Any], op: str, name: str,
+                versions: list[int]) -> None:
+        payload = json.dumps({"op": op, "name": name, "versions": versions, "node": self.node})
+        conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, payload))
+
+    def _apply_ours(self, added: Sequence[tuple[StoredFunction, bytes]] = (),
+                    removed: Sequence[StoredFunction] = ()) -> None:
+        """Our own committed change, into the mirror at once (the caller holds ``_sync``)."""
+        sources = {fn.digest: source for fn, source in added}
+        gone = {(fn.name, fn.version) for fn in removed}
+        now = [fn for fn in self.cache.functions(all_versions=True)
+               if (fn.name, fn.version) not in gone]
+        now.extend(fn for fn, _ in added)
+        nexts = {fn.name: fn.version + 1 for fn, _ in added}
+        self.cache.mirror(now, nexts, lambda digests: {d: sources[d] for d in digests
+                                                       if d in sources})
+
+    def _refresh(self, conn: psycopg.Connection[Any]) -> None:
+        """Read every version from the database into the mirror; tell the listeners what
+        changed."""
+        with self._sync:
+            with conn.transaction():
+                rows = conn.execute("SELECT name, meta FROM sandbox_versions "
+                                    "ORDER BY name, version").fetchall()
+                nexts = dict(conn.execute("SELECT name, next_version FROM sandbox_functions"
+                                          ).fetchall())
+            functions = []
+            for name, meta in rows:
+                try:
+                    functions.append(StoredFunction.from_dict(name, meta))
+                except (ValueError, KeyError, TypeError) as exc:
+                    log.error("function %s: unreadable version in the store, skipped: %s",
+                              name, exc)
+
+            def fetch(digests: list[str]) -> dict[str, bytes]:
+                with conn.transaction():
+                    found = conn.execute("SELECT digest, content FROM sandbox_bundles WHERE "
+                                         "digest = ANY(%s)", (digests,)).fetchall()
+                return {str(d): bytes(c) for d, c in found}
+
+            added, removed = self.cache.mirror(functions, nexts, fetch)
+        if added or removed:
+            log.info("function store: %d version(s) added, %d removed by other nodes",
+                     len(added), len(removed),
+                     extra={"event": "store_sync", "fields": {
+                         "added": [f"{f.name}@{f.version}" for f in added],
+                         "removed": [f"{f.name}@{f.version}" for f in removed]}})
+            for listener in list(self._listeners):
+                try:
+                    listener(added, removed)
+                except Exception:
+                    log.exception("a function store listener failed")
+
+    def _listen(self) -> None:
+        """The listener thread: connect, migrate, LISTEN, read everything, then re-read on
+        every notification; on any connection failure, back off and start again."""
+        import psycopg
+
+        backoff = RECONNECT_BACKOFF_S[0]
+        while not self._closed.is_set():
+            try:
+                with psycopg.connect(self.url, autocommit=True,
+                                     connect_timeout=int(CONNECT_TIMEOUT_S),
+                                     application_name=f"sandbox {self.node} listener".strip()
+                                     ) as conn:
+                    _migrate(conn)
+                    conn.execute(f"LISTEN {CHANNEL}")
+                    self._refresh(conn)
+                    if not self._connected.is_set():
+                        log.info("function store: %s (schema %d), %d function versions",
+                                 self.describe(), SCHEMA_VERSION,
+                                 len(self.cache.functions(all_versions=True)),
+                                 extra={"event": "store_connected",
+                                        "fields": {"store": self.describe()}})
+                    self._connected.set()
+                    backoff = RECONNECT_BACKOFF_S[0]
+                    while not self._closed.is_set():
+                        # Back at once with the first notification (the others queued
+                        # meanwhile are read by the same refresh, or wake the next turn);
+                        # at least every half second to notice close().
+                        if any(True for _ in conn.notifies(timeout=0.5, stop_after=1)):
+                            self._refresh(conn)
+            except ConfigurationError as exc:  # a schema we do not understand: fatal
+                self._schema_error = exc
+                self._closed.set()
+                self._connected.set()
+                return
+            except (psycopg.Error, OSError) as exc:
+                if self._closed.is_set():
+                    return
+                if self._connected.is_set():
+                    log.error("function store %s unreachable (%s): serving the mirror; "
+                              "reconnecting", self.describe(), _first_line(exc),
+                              extra={"event": "store_unavailable",
+                                     "fields": {"store": self.describe()}})
+                self._connected.clear()
+                self._closed.wait(backoff)
+                backoff = min(backoff * 2, RECONNECT_BACKOFF_S[1])
+            except Exception:
+                log.exception("function store listener failed; restarting it")
+                self._closed.wait(backoff)
+
+
+def _migrate(conn: psycopg.Connection[Any]) -> None:
+    """Create or migrate the schema to :data:`SCHEMA_VERSION` (one replica at a time)."""
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK_KEY,))
+        conn.execute("CREATE TABLE IF NOT EXISTS sandbox_schema (version integer NOT NULL)")
+        row = conn.execute("SELECT version FROM sandbox_schema").fetchone()
+        current = 0 if row is None else int(row[0])
+        if current > SCHEMA_VERSION:
+            raise ConfigurationError(
+                f"the function store's schema is version {current}, newer than this sandbox "
+                f"understands ({SCHEMA_VERSION}): upgrade sandbox on this node")
+        for step in range(current, SCHEMA_VERSION):
+            conn.execute(MIGRATIONS[step])
+            log.info("function store schema migrated to version %d", step + 1)
+        if row is None:
+            conn.execute("INSERT INTO sandbox_schema (version) VALUES (%s)", (SCHEMA_VERSION,))
+        elif current != SCHEMA_VERSION:
+            conn.execute("UPDATE sandbox_schema SET version = %s", (SCHEMA_VERSION,))
+
+
+def _with_version(fn: StoredFunction, version: int) -> StoredFunction:
+    import dataclasses
+
+    return dataclasses.replace(fn, version=version)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0]

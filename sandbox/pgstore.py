@@ -131,8 +131,6 @@ class PostgresStore:
 
     def __init__(self, url: str, state_dir: str | Path, *, node: str = "",
                  max_source_bytes: int = 64 * 1024 * 1024) -> None:
-        from psycopg_pool import ConnectionPool
-
         self.url = url
         self.node = node
         self.cache = FunctionStore(state_dir, max_source_bytes=max_source_bytes)
@@ -141,12 +139,7 @@ class PostgresStore:
         self._listeners: list[Listener] = []
         self._closed = threading.Event()
         self._connected = threading.Event()
-        self._pool: ConnectionPool[Any] = ConnectionPool(
-            url, min_size=1, max_size=4, open=False, timeout=CONNECT_TIMEOUT_S,
-            check=ConnectionPool.check_connection, name="sandbox-store",
-            kwargs={"connect_timeout": int(CONNECT_TIMEOUT_S), "autocommit": False,
-                    "application_name": f"sandbox {node}".strip()})
-        self._pool.open(wait=False)
+        self._pool: ConnectionPool[Any] = self._new_pool()
         self._thread = threading.Thread(target=self._listen, name="sandbox-store-listener",
                                         daemon=True)
         self._thread.start()
@@ -160,6 +153,25 @@ class PostgresStore:
             raise self._schema_error
 
     _schema_error: ConfigurationError | None = None
+    _outage = False  # the listener has failed to connect since it last was
+
+    def _new_pool(self) -> ConnectionPool[Any]:
+        from psycopg_pool import ConnectionPool
+
+        pool: ConnectionPool[Any] = ConnectionPool(
+            self.url, min_size=1, max_size=4, open=False, timeout=CONNECT_TIMEOUT_S,
+            check=ConnectionPool.check_connection, name="sandbox-store",
+            reconnect_timeout=RECONNECT_BACKOFF_S[1] * 6,
+            kwargs={"connect_timeout": int(CONNECT_TIMEOUT_S), "autocommit": False,
+                    "application_name": f"sandbox {self.node}".strip()})
+        pool.open(wait=False)
+        return pool
+
+    def _renew_pool(self) -> None:
+        """The database is back: a fresh pool, rather than one waiting out the doubling
+        backoff its reconnection attempts reached while the database was away."""
+        old, self._pool = self._pool, self._new_pool()
+        old.close(timeout=0)
 
     # -- lifecycle ---------------------------------------------------------------------------
     def close(self) -> None:
@@ -182,6 +194,10 @@ class PostgresStore:
     def connected(self) -> bool:
         """Whether the listener is connected now (the mirror follows the database)."""
         return self._connected.is_set()
+
+    def wait_connected(self, timeout: float | None = None) -> bool:
+        """Wait until the listener is connected (True), or ``timeout`` seconds (False)."""
+        return self._connected.wait(timeout) and not self._closed.is_set()
 
     def watch(self, listener: Listener) -> None:
         """Call ``listener(added, removed)`` (from the listener's thread) after each change
@@ -304,8 +320,10 @@ class PostgresStore:
 
         if self._closed.is_set():
             raise ConfigurationError("the function store is closed")
+        # Known to be away: fail fast rather than hold the caller for the whole timeout.
+        timeout = CONNECT_TIMEOUT_S if self._connected.is_set() else 1.0
         try:
-            with self._pool.connection() as conn, conn.transaction():
+            with self._pool.connection(timeout) as conn, conn.transaction():
                 yield conn
         except (PoolTimeout, psycopg.OperationalError) as exc:
             raise StoreUnavailable(
@@ -381,6 +399,9 @@ class PostgresStore:
                     _migrate(conn)
                     conn.execute(f"LISTEN {CHANNEL}")
                     self._refresh(conn)
+                    if self._outage:
+                        self._renew_pool()
+                        self._outage = False
                     if not self._connected.is_set():
                         log.info("function store: %s (schema %d), %d function versions",
                                  self.describe(), SCHEMA_VERSION,
@@ -409,6 +430,7 @@ class PostgresStore:
                               extra={"event": "store_unavailable",
                                      "fields": {"store": self.describe()}})
                 self._connected.clear()
+                self._outage = True
                 self._closed.wait(backoff)
                 backoff = min(backoff * 2, RECONNECT_BACKOFF_S[1])
             except Exception:

@@ -75,8 +75,13 @@ def processes_of_our_uid() -> set[int]:
 
 def leftovers(baseline: set[int]) -> set[int]:
     me = psutil.Process()
-    children = {p.pid for p in me.children(recursive=True)
-                if p.status() != psutil.STATUS_ZOMBIE}
+    children = set()
+    for p in me.children(recursive=True):
+        try:  # a child may exit while we look (a database backend whose client closed)
+            if p.status() != psutil.STATUS_ZOMBIE:
+                children.add(p.pid)
+        except psutil.NoSuchProcess:
+            continue
     ours = marked_processes() if os.geteuid() == 0 else processes_of_our_uid()
     return (ours | children) - baseline
 

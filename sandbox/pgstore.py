@@ -123,6 +123,8 @@ class PostgresStore:
         state_dir: this supervisor's own directory for the mirror (locked while open).
         node: this supervisor's name, sent with its notifications (for the logs).
         max_source_bytes: largest source accepted (as the local store).
+        start_timeout_s: how long the first read may take before the mirror on disk is
+            served instead (the listener goes on trying).
 
     Raises:
         ConfigurationError: the state directory is in use, or the database's schema is newer
@@ -130,7 +132,8 @@ class PostgresStore:
     """
 
     def __init__(self, url: str, state_dir: str | Path, *, node: str = "",
-                 max_source_bytes: int = 64 * 1024 * 1024) -> None:
+                 max_source_bytes: int = 64 * 1024 * 1024,
+                 start_timeout_s: float = START_TIMEOUT_S) -> None:
         self.url = url
         self.node = node
         self.cache = FunctionStore(state_dir, max_source_bytes=max_source_bytes)
@@ -143,7 +146,7 @@ class PostgresStore:
         self._thread = threading.Thread(target=self._listen, name="sandbox-store-listener",
                                         daemon=True)
         self._thread.start()
-        if not self._connected.wait(START_TIMEOUT_S) and not self._closed.is_set():
+        if not self._connected.wait(start_timeout_s) and not self._closed.is_set():
             log.error("the function store %s cannot be reached; serving the %d function "
                       "versions mirrored in %s until it can (deploys fail meanwhile)",
                       redact(url), len(self.cache.functions(all_versions=True)), self.root,

@@ -213,7 +213,7 @@ def test_database_down_reads_go_on_changes_fail_clearly_recovery_is_automatic(
                 b.delete("kept")
             # A supervisor restarted meanwhile serves its mirror.
             b.close()
-            with PostgresStore(url, tmp_path / "b", node="b") as b2:
+            with PostgresStore(url, tmp_path / "b", node="b", start_timeout_s=0.5) as b2:
                 assert b2.get("kept").version == 1
                 assert not b2.connected
                 b2_seen = Changes(b2)

@@ -21,6 +21,22 @@ A server with TLS and tokens (``sandbox serve --tls-cert ... --auth-tokens ...``
     Client("sandbox.example:50051", tls_ca="ca.pem", token="...")    # + tls_cert/tls_key: mTLS
 
 A denied call raises :class:`RemoteError` with ``UNAUTHENTICATED`` or ``PERMISSION_DENIED``.
+
+A fleet (several ``sandbox serve`` replicas): the target may be any gRPC target, and calls are
+spread over its addresses ``round_robin``::
+
+    Client("dns:///sandbox.ns.svc:50051")               # every address the name resolves to
+    Client("ipv4:10.0.0.1:50051,10.0.0.2:50051")        # these replicas
+    Client("10.0.0.1:50051,10.0.0.2:50051")             # the same, spelled as a plain list
+
+Calls that failed ``UNAVAILABLE`` are tried again (on another replica, by round_robin) only
+when that cannot run anything twice: the reads (``function``, ``versions``, ``functions``,
+``info``) and ``deploy`` (idempotent: the server returns the latest version when it is this
+very deployment already), by gRPC itself through the channel's service config; an invocation
+the server refused before running it (it was draining, and said so); and an invocation whose
+caller says ``invoke(..., idempotent=True)``. Nothing else is retried (``delete``, a
+non-idempotent invocation that may have run, streams), except by gRPC's transparent retries,
+which are on and only resend a call that never reached the server. See :class:`RetryPolicy`.
 """
 
 from __future__ import annotations
@@ -28,8 +44,11 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import datetime
+import ipaddress
 import json
 import os
+import random
+import time
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -53,6 +72,7 @@ from sandbox.security import channel_credentials
 from sandbox.wire import (
     CONTENT_TYPES,
     DEFAULT_MAX_MESSAGE_BYTES,
+    REFUSED_METADATA_KEY,
     limits_from_proto,
     limits_to_proto,
     result_from_proto,
@@ -62,6 +82,7 @@ from sandbox.wire import (
 
 __all__ = [
     "DEFAULT_TARGET",
+    "RETRIED_METHODS",
     "AsyncClient",
     "AsyncResultStream",
     "Client",
@@ -71,6 +92,9 @@ __all__ = [
     "RemoteError",
     "RemoteFunction",
     "ResultStream",
+    "RetryPolicy",
+    "default_service_config",
+    "grpc_target",
 ]
 
 DEFAULT_TARGET = "localhost:50051"
@@ -111,10 +135,162 @@ def _error(code: grpc.StatusCode, details: str) -> SandboxError:
     return kind(details) if kind is not None else RemoteError(code, details)
 
 
+def _code(exc: grpc.RpcError) -> grpc.StatusCode:
+    return exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
+
+
 def _translate(exc: grpc.RpcError) -> SandboxError:
     code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
     details = (exc.details() if hasattr(exc, "details") else None) or str(exc)
     return _error(code, details)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fleets: targets, load balancing, retries
+
+SERVICE = pb.DESCRIPTOR.services_by_name["Sandbox"].full_name
+#: The methods gRPC retries on UNAVAILABLE: the reads (every ``Get*`` and ``List*``), and
+#: ``Deploy`` (idempotent); never ``DeleteFunction``, never an invocation (see
+#: :meth:`Client.invoke`'s ``idempotent``).
+RETRIED_METHODS = (*sorted(m.name for m in pb.DESCRIPTOR.services_by_name["Sandbox"].methods
+                           if m.name.startswith(("Get", "List"))), "Deploy")
+#: gRPC's own default retry buffer per call (a call bigger than this is not retried).
+_GRPC_RETRY_BUFFER = 256 * 1024
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """How a call that failed ``UNAVAILABLE`` is tried again (gRPC's retry policy, used both in
+    the channel's service config and by the client for invocations).
+
+    Attributes:
+        max_attempts: attempts in all, the first one included (1: no retries; gRPC allows at
+            most 5).
+        initial_backoff_s, max_backoff_s, backoff_multiplier: the pause before retry ``n``
+            (1, 2, ...) is random in ``[0, min(initial_backoff_s * backoff_multiplier **
+            (n - 1), max_backoff_s)]``, as gRPC does. The call's deadline (``timeout``) covers
+            every attempt and pause: no retry starts once it would pass.
+    """
+
+    max_attempts: int = 4
+    initial_backoff_s: float = 0.1
+    max_backoff_s: float = 1.0
+    backoff_multiplier: float = 2.0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.max_attempts, bool) or not isinstance(self.max_attempts, int) \
+                or not 1 <= self.max_attempts <= 5:
+            raise ConfigurationError(f"RetryPolicy.max_attempts must be an int from 1 to 5, got "
+                                     f"{self.max_attempts!r}")
+        for name in ("initial_backoff_s", "max_backoff_s", "backoff_multiplier"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0 \
+                    or value == float("inf"):
+                raise ConfigurationError(f"RetryPolicy.{name} must be a positive number, got "
+                                         f"{value!r}")
+
+    def backoff(self, retry: int) -> float:
+        """The pause before retry ``retry`` (1 for the first), seconds: random, as gRPC's."""
+        ceiling = min(self.initial_backoff_s * self.backoff_multiplier ** (retry - 1),
+                      self.max_backoff_s)
+        return random.uniform(0.0, ceiling)
+
+    def to_service_config(self) -> dict[str, Any]:
+        """The ``retryPolicy`` of a gRPC service config, retrying ``UNAVAILABLE``."""
+        return {"maxAttempts": self.max_attempts,
+                "initialBackoff": f"{self.initial_backoff_s:.9g}s",
+                "maxBackoff": f"{self.max_backoff_s:.9g}s",
+                "backoffMultiplier": self.backoff_multiplier,
+                "retryableStatusCodes": ["UNAVAILABLE"]}
+
+
+DEFAULT_RETRY = RetryPolicy()
+
+
+def default_service_config(load_balancing: str | None = "round_robin",
+                           retry: RetryPolicy | None = DEFAULT_RETRY) -> dict[str, Any]:
+    """The gRPC service config a client's channel gets: ``load_balancing`` (None: gRPC's own
+    default, ``pick_first``), and ``retry`` for :data:`RETRIED_METHODS` (None: no retries)."""
+    config: dict[str, Any] = {}
+    if load_balancing:
+        config["loadBalancingConfig"] = [{load_balancing: {}}]
+    if retry is not None and retry.max_attempts > 1:
+        config["methodConfig"] = [{
+            "name": [{"service": SERVICE, "method": method} for method in RETRIED_METHODS],
+            "retryPolicy": retry.to_service_config(),
+        }]
+    return config
+
+
+def _ip_family(address: str) -> str | None:
+    """``ipv4``/``ipv6`` for ``IP:PORT`` (``[IPV6]:PORT``), ``name`` for ``NAME:PORT``, None
+    for anything else."""
+    if address.startswith("["):
+        host, sep, port = address[1:].partition("]:")
+        if not sep:
+            return None
+    else:
+        host, sep, port = address.rpartition(":")
+        if not sep or not host or ":" in host or "/" in host:
+            return None
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        return None
+    try:
+        return "ipv6" if isinstance(ipaddress.ip_address(host), ipaddress.IPv6Address) \
+            else "ipv4"
+    except ValueError:
+        return None if address.startswith("[") else "name"
+
+
+def grpc_target(target: str) -> str:
+    """``target`` as gRPC takes it. A comma-separated list of ``IP:PORT`` (``[IPV6]:PORT``)
+    becomes gRPC's ``ipv4:``/``ipv6:`` target, balanced over every address; anything else
+    (``host:port``, ``dns:///name:port``, ``ipv4:...``, ``unix:PATH``...) is left as it is.
+
+    Raises:
+        ConfigurationError: a list of ``HOST:PORT`` with a host name in it, or mixing IPv4 and
+            IPv6 (gRPC has no such target: use ``dns:///NAME:PORT`` for a name that resolves to
+            every replica).
+    """
+    items = [item.strip() for item in target.split(",")]
+    if len(items) < 2:
+        return target
+    families = {_ip_family(item) for item in items}
+    if None in families:
+        return target  # not a list of addresses: some other scheme's business
+    if families == {"ipv4"} or families == {"ipv6"}:
+        return f"{families.pop()}:{','.join(items)}"
+    raise ConfigurationError(
+        f"target {target!r}: a list of addresses must be all IPv4 or all IPv6 literals with "
+        "their ports; for host names use one name that resolves to every replica, "
+        "dns:///NAME:PORT")
+
+
+def _refused(exc: grpc.RpcError) -> bool:
+    """Whether the server said it refused the call before running anything."""
+    trailing = getattr(exc, "trailing_metadata", None)
+    metadata = (trailing() if callable(trailing) else None) or ()
+    return any(item[0] == REFUSED_METADATA_KEY for item in metadata)
+
+
+def _retry_pause(retry: RetryPolicy | None, exc: grpc.RpcError, attempt: int,
+                 idempotent: bool, deadline: float | None) -> float | None:
+    """How long to wait before trying an invocation again after ``exc`` ended attempt
+    ``attempt``; None: do not retry. Only UNAVAILABLE, and only when running it again cannot
+    run it twice unasked: the server refused it before it ran, or the caller says it is
+    idempotent."""
+    if retry is None or attempt >= retry.max_attempts:
+        return None
+    if _code(exc) is not grpc.StatusCode.UNAVAILABLE or not (idempotent or _refused(exc)):
+        return None
+    pause = retry.backoff(attempt)
+    if deadline is not None and time.monotonic() + pause >= deadline:
+        return None
+    return pause
+
+
+def _remaining(deadline: float | None) -> float | None:
+    return None if deadline is None else max(0.0, deadline - time.monotonic())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -295,20 +471,42 @@ def _info(msg: pb.GetInfoResponse) -> dict[str, Any]:
     }
 
 
-def _channel_options(max_message_bytes: int) -> list[tuple[str, Any]]:
-    return [("grpc.max_receive_message_length", -1),
-            ("grpc.max_send_message_length", max_message_bytes)]
+def _channel_options(max_message_bytes: int, service_config: dict[str, Any] | str | None,
+                     load_balancing: str | None, retry: RetryPolicy | None,
+                     tls_server_name: str | None) -> list[tuple[str, Any]]:
+    if service_config is None:
+        service_config = default_service_config(load_balancing, retry)
+    elif isinstance(service_config, str):
+        try:
+            json.loads(service_config)
+        except ValueError as exc:
+            raise ConfigurationError(f"service_config is not JSON: {exc}") from None
+    if not isinstance(service_config, str):
+        service_config = json.dumps(service_config)
+    # gRPC's retries, transparent ones included, are on by default ("grpc.enable_retries"):
+    # never set it to 0 here. The retry buffer holds a whole Deploy, so it can be retried.
+    options: list[tuple[str, Any]] = [
+        ("grpc.max_receive_message_length", -1),
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.service_config", service_config),
+        ("grpc.per_rpc_retry_buffer_size", max(max_message_bytes, _GRPC_RETRY_BUFFER)),
+    ]
+    if tls_server_name:
+        options.append(("grpc.ssl_target_name_override", tls_server_name))
+    return options
 
 
 _Pem = str | os.PathLike[str] | bytes | None
 Metadata = tuple[tuple[str, str], ...]
 
 
-def _security(tls: bool, tls_ca: _Pem, tls_cert: _Pem, tls_key: _Pem, token: str | None
+def _security(tls: bool, tls_ca: _Pem, tls_cert: _Pem, tls_key: _Pem, token: str | None,
+              tls_server_name: str | None = None
               ) -> tuple[grpc.ChannelCredentials | None, Metadata]:
     """The channel's TLS credentials (None: plaintext) and the metadata of every call."""
     credentials = None
-    if tls or tls_ca is not None or tls_cert is not None or tls_key is not None:
+    if (tls or tls_ca is not None or tls_cert is not None or tls_key is not None
+            or tls_server_name):
         credentials = channel_credentials(tls_ca, tls_cert, tls_key)
     metadata: Metadata = ()
     if token is not None:
@@ -362,28 +560,53 @@ class Client:
     """Blocking client. ``timeout`` (seconds) is each call's default deadline.
 
     Args:
-        target: ``host:port`` (any gRPC target, e.g. ``dns:///svc:50051``, ``unix:PATH``).
-        channel: use this channel instead of making one (the client will not close it).
-        timeout: default deadline of every call, seconds (None: no deadline).
+        target: ``host:port``, or any gRPC target: ``dns:///svc:50051`` (every address the
+            name resolves to), ``ipv4:10.0.0.1:50051,10.0.0.2:50051``, ``unix:PATH``...; a
+            plain list ``10.0.0.1:50051,10.0.0.2:50051`` of IP literals is taken as
+            ``ipv4:``/``ipv6:`` (:func:`grpc_target`).
+        channel: use this channel instead of making one (the client will not close it; the
+            channel options below are then the caller's business).
+        timeout: default deadline of every call, seconds (None: no deadline). With retries it
+            covers every attempt.
         max_message_bytes: largest request this client sends.
         tls: connect over TLS (implied by any ``tls_*``); the server is verified against
             ``tls_ca`` (a PEM file or its bytes), else the system's roots.
         tls_cert, tls_key: this client's certificate and key, for a server that requires one
             (mTLS).
+        tls_server_name: the name the servers' certificate must carry (and the calls'
+            ``:authority``) when the target does not name it, e.g. a list of addresses of
+            replicas whose certificate names the service.
         token: sent as ``authorization: Bearer TOKEN`` with every call.
+        load_balancing: gRPC's load-balancing policy over the target's addresses:
+            ``round_robin`` (the default: each call to the next ready replica), or
+            ``pick_first`` (one connection, as gRPC does by default).
+        retry: how calls failing ``UNAVAILABLE`` are retried: the reads and ``deploy`` by
+            gRPC (the channel's service config), invocations by this client when they may
+            (see :meth:`invoke`). None: no retries (gRPC's transparent ones stay on).
+        service_config: a gRPC service config (a dict, or its JSON) that replaces the one made
+            from ``load_balancing`` and ``retry`` (:func:`default_service_config`);
+            ``retry`` still governs the retries of invocations.
 
     Raises:
-        ConfigurationError: a TLS file cannot be read, only one of cert and key, a bad token.
+        ConfigurationError: a TLS file cannot be read, only one of cert and key, a bad token,
+            a bad target list, service config or retry policy.
     """
 
     def __init__(self, target: str = DEFAULT_TARGET, *, channel: grpc.Channel | None = None,
                  timeout: float | None = None,
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, tls: bool = False,
                  tls_ca: _Pem = None, tls_cert: _Pem = None, tls_key: _Pem = None,
-                 token: str | None = None) -> None:
-        credentials, self._metadata = _security(tls, tls_ca, tls_cert, tls_key, token)
+                 token: str | None = None, tls_server_name: str | None = None,
+                 load_balancing: str | None = "round_robin",
+                 retry: RetryPolicy | None = DEFAULT_RETRY,
+                 service_config: dict[str, Any] | str | None = None) -> None:
+        credentials, self._metadata = _security(tls, tls_ca, tls_cert, tls_key, token,
+                                                tls_server_name)
         self._own = channel is None
-        options = _channel_options(max_message_bytes)
+        self.retry = retry
+        self.target = target = grpc_target(target)
+        options = _channel_options(max_message_bytes, service_config, load_balancing, retry,
+                                   tls_server_name)
         if channel is not None:
             self.channel = channel
         elif credentials is not None:
@@ -423,6 +646,10 @@ class Client:
 
         ``reuse``: invocations one worker serves before it is replaced (1, the default: a fresh
         process for every invocation).
+
+        Idempotent: when the latest version of ``name`` is this very deployment already (the
+        same source, handler, preload, limits and reuse), the server returns it rather than
+        making another; so a deploy cut off by a lost replica is safely retried.
         """
         request = _deploy_request(name, source, handler=handler, preload=preload,
                                   limits=limits, source_format=source_format, reuse=reuse)
@@ -457,13 +684,38 @@ class Client:
                limits: Limits | None = None, id: str | None = None,
                content_type: str = MSGPACK, payload: bytes | None = None,
                timeout: float | None = None,
-               metadata: Sequence[tuple[str, str]] = ()) -> InvocationResult:
+               metadata: Sequence[tuple[str, str]] = (),
+               idempotent: bool = False) -> InvocationResult:
         """Invoke once. ``timeout`` is the call's deadline and caps the wall timeout;
         ``metadata`` goes with the call (e.g. a W3C ``traceparent`` the server's trace
-        continues)."""
+        continues).
+
+        Retries (``UNAVAILABLE`` only, as the client's ``retry`` policy says, to the next
+        replica): a call the server refused before running it (draining) is always sent
+        again. A call cut off otherwise (a replica lost mid-call) may have run: it fails with
+        :class:`ShuttingDown`, unless ``idempotent=True`` says running the function twice
+        is harmless, and then it is retried.
+        """
         request = _invoke_request(function, event, version=version, limits=limits, id=id,
                                   content_type=content_type, payload=payload)
-        return _result(self._unary(self.stub.Invoke, request, timeout, metadata))
+        return _result(self._retried(self.stub.Invoke, request, timeout, metadata, idempotent))
+
+    def _retried(self, method: Any, request: Any, timeout: float | None,
+                 metadata: Sequence[tuple[str, str]], idempotent: bool) -> Any:
+        """A unary call, tried again when :func:`_retry_pause` allows it."""
+        timeout = self._timeout(timeout)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        merged = _merge(self._metadata, metadata)
+        attempt = 1
+        while True:
+            try:
+                return method(request, timeout=_remaining(deadline), metadata=merged)
+            except grpc.RpcError as exc:
+                pause = _retry_pause(self.retry, exc, attempt, idempotent, deadline)
+                if pause is None:
+                    raise _translate(exc) from exc
+            time.sleep(pause)
+            attempt += 1
 
     def stream(self, function: str, event: Any = None, *, version: int | None = None,
                limits: Limits | None = None, id: str | None = None,
@@ -548,17 +800,24 @@ class AsyncResultStream:
 
 
 class AsyncClient:
-    """asyncio client, the same methods as :class:`Client`, awaitable. Create it inside the
-    event loop that uses it."""
+    """asyncio client, the same methods and arguments as :class:`Client`, awaitable. Create it
+    inside the event loop that uses it."""
 
     def __init__(self, target: str = DEFAULT_TARGET, *, channel: grpc.aio.Channel | None = None,
                  timeout: float | None = None,
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, tls: bool = False,
                  tls_ca: _Pem = None, tls_cert: _Pem = None, tls_key: _Pem = None,
-                 token: str | None = None) -> None:
-        credentials, self._metadata = _security(tls, tls_ca, tls_cert, tls_key, token)
+                 token: str | None = None, tls_server_name: str | None = None,
+                 load_balancing: str | None = "round_robin",
+                 retry: RetryPolicy | None = DEFAULT_RETRY,
+                 service_config: dict[str, Any] | str | None = None) -> None:
+        credentials, self._metadata = _security(tls, tls_ca, tls_cert, tls_key, token,
+                                                tls_server_name)
         self._own = channel is None
-        options = _channel_options(max_message_bytes)
+        self.retry = retry
+        self.target = target = grpc_target(target)
+        options = _channel_options(max_message_bytes, service_config, load_balancing, retry,
+                                   tls_server_name)
         if channel is not None:
             self.channel = channel
         elif credentials is not None:
@@ -626,11 +885,30 @@ class AsyncClient:
                      limits: Limits | None = None, id: str | None = None,
                      content_type: str = MSGPACK, payload: bytes | None = None,
                      timeout: float | None = None,
-                     metadata: Sequence[tuple[str, str]] = ()) -> InvocationResult:
-        """Invoke once; cancelling the awaiting task cancels the call and kills the worker."""
+                     metadata: Sequence[tuple[str, str]] = (),
+                     idempotent: bool = False) -> InvocationResult:
+        """Invoke once; cancelling the awaiting task cancels the call and kills the worker.
+        Retries as :meth:`Client.invoke` (``idempotent``)."""
         request = _invoke_request(function, event, version=version, limits=limits, id=id,
                                   content_type=content_type, payload=payload)
-        return _result(await self._unary(self.stub.Invoke, request, timeout, metadata))
+        return _result(await self._retried(self.stub.Invoke, request, timeout, metadata,
+                                           idempotent))
+
+    async def _retried(self, method: Any, request: Any, timeout: float | None,
+                       metadata: Sequence[tuple[str, str]], idempotent: bool) -> Any:
+        timeout = self._timeout(timeout)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        merged = _merge(self._metadata, metadata)
+        attempt = 1
+        while True:
+            try:
+                return await method(request, timeout=_remaining(deadline), metadata=merged)
+            except grpc.RpcError as exc:
+                pause = _retry_pause(self.retry, exc, attempt, idempotent, deadline)
+                if pause is None:
+                    raise _translate(exc) from exc
+            await asyncio.sleep(pause)
+            attempt += 1
 
     def stream(self, function: str, event: Any = None, *, version: int | None = None,
                limits: Limits | None = None, id: str | None = None,

@@ -3,9 +3,12 @@
 
 :func:`add_subcommands` adds them to an argparse subparsers object (``sandbox.cli`` does);
 each sets ``func=handler(args) -> int`` (the exit status). The client commands take
-``--target`` (default ``$SANDBOX_TARGET`` or ``localhost:50051``), ``--tls-ca`` (and
-``--tls-cert``/``--tls-key`` for mTLS) and ``--token`` (default ``$SANDBOX_TOKEN``), and print
-JSON: ``invoke`` prints the same object as ``sandbox run``.
+``--target`` (default ``$SANDBOX_TARGET`` or ``localhost:50051``; any gRPC target, or a list
+``IP:PORT,IP:PORT`` of a fleet's replicas, balanced round_robin), ``--tls-ca`` (and
+``--tls-cert``/``--tls-key`` for mTLS, ``--tls-server-name`` for a list of addresses) and
+``--token`` (default ``$SANDBOX_TOKEN``), and print JSON: ``invoke`` prints the same object as
+``sandbox run``; ``invoke --idempotent`` lets a call cut off by a lost replica run again on
+another.
 
 Exit status: 0 success (``invoke``: outcome OK); 1 ``invoke`` ended with another outcome; 2 the
 call itself failed (unknown function, bad request, server unavailable...), message on stderr.
@@ -145,7 +148,8 @@ def _client(args: argparse.Namespace) -> Any:
     from sandbox.client import Client
 
     return Client(args.target, timeout=args.timeout, tls_ca=args.tls_ca,
-                  tls_cert=args.tls_cert, tls_key=args.tls_key, token=args.token or None)
+                  tls_cert=args.tls_cert, tls_key=args.tls_key, token=args.token or None,
+                  tls_server_name=args.tls_server_name)
 
 
 def _positive_int(text: str) -> int:
@@ -188,6 +192,8 @@ def _read_event(args: argparse.Namespace) -> Any:
 
 def _invoke(args: argparse.Namespace) -> int:
     try:
+        if args.stream and args.idempotent:
+            raise ValueError("--idempotent applies to unary calls, not to --stream")
         event = _read_event(args)
         limits = parse_limits(args.limit)
         with _client(args) as client:
@@ -198,7 +204,8 @@ def _invoke(args: argparse.Namespace) -> int:
                     print(json.dumps({"chunk": chunk}, default=_json_default), flush=True)
                 result = stream.result()
             else:
-                result = client.invoke(args.function, event, **kwargs)
+                result = client.invoke(args.function, event, idempotent=args.idempotent,
+                                       **kwargs)
     except (SandboxError, ValueError, OSError) as exc:
         return _fail(exc)
     _print_json(result.to_dict())
@@ -237,8 +244,11 @@ def _info(args: argparse.Namespace) -> int:
 
 def _add_target(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target", default=_default_target(),
-                        help="server address host:port (default: $SANDBOX_TARGET or "
-                             "%(default)s)")
+                        help="the server: host:port, or a fleet's replicas as any gRPC target "
+                             "(dns:///NAME:PORT, ipv4:IP:PORT,IP:PORT, or simply "
+                             "IP:PORT,IP:PORT), calls balanced round_robin over them; reads and "
+                             "deploys that fail UNAVAILABLE are retried on another (default: "
+                             "$SANDBOX_TARGET or %(default)s)")
     parser.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
                         help="deadline of the call (caps the function's wall timeout)")
     parser.add_argument("--tls-ca", default=None, metavar="FILE",
@@ -247,6 +257,9 @@ def _add_target(parser: argparse.ArgumentParser) -> None:
                         help="this client's certificate (PEM), for a server that requires one")
     parser.add_argument("--tls-key", default=None, metavar="FILE",
                         help="the key of --tls-cert (PEM)")
+    parser.add_argument("--tls-server-name", default=None, metavar="NAME",
+                        help="the name the server certificate must carry, when the target "
+                             "does not say it (a list of addresses); implies TLS")
     parser.add_argument("--token", default=os.environ.get("SANDBOX_TOKEN"), metavar="TOKEN",
                         help="bearer token sent with every call (default: $SANDBOX_TOKEN)")
 
@@ -353,6 +366,11 @@ def add_subcommands(subparsers: Any) -> None:
     p.add_argument("--id", default=None, help="an invocation id of yours")
     p.add_argument("--stream", action="store_true",
                    help="print each chunk of a generator as a JSON line as it comes")
+    p.add_argument("--idempotent", action="store_true",
+                   help="running the function twice is harmless: a call cut off by a lost "
+                        "replica (UNAVAILABLE) is retried on another; without it such a call "
+                        "fails and is never run again (a draining server's refusal is always "
+                        "retried: nothing ran); not with --stream")
     _add_limit(p)
     _add_target(p)
     p.set_defaults(func=_invoke)

@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import hashlib
 import os
 import signal
 import socket
@@ -70,10 +71,20 @@ from sandbox.security import (
     server_credentials,
     unix_socket_path,
 )
-from sandbox.store import FunctionStore, Store, StoredFunction, check_name, profile_name
+from sandbox.store import (
+    FunctionStore,
+    SourceFormat,
+    Store,
+    StoredFunction,
+    check_name,
+    detect_format,
+    normalize_handler,
+    profile_name,
+)
 from sandbox.wire import (
     CONTENT_TYPES,
     DEFAULT_MAX_MESSAGE_BYTES,
+    REFUSED_METADATA_KEY,
     limits_from_proto,
     limits_to_proto,
     result_from_proto,
@@ -205,7 +216,10 @@ class SandboxServicer(pb_grpc.SandboxServicer):
             yield
         except (SandboxError, TimeoutError) as exc:
             code, details = status_for(exc)
-            await context.abort(code, details)
+            # Refused before anything ran: the client may send it again, even an invocation
+            # that is not idempotent (sandbox.client does, to another replica).
+            refused = ((REFUSED_METADATA_KEY, "draining"),) if isinstance(exc, _Draining) else ()
+            await context.abort(code, details, trailing_metadata=refused)
 
     # -- functions ---------------------------------------------------------------------------
     async def Deploy(self, request: pb.DeployRequest,
@@ -221,6 +235,11 @@ class SandboxServicer(pb_grpc.SandboxServicer):
             modules = sorted(set(request.preload))
             async with self._deploy_lock:  # one deployment at a time keeps store and runtime
                 # in step (a new profile's zygote must start before the function is stored)
+                latest = await asyncio.to_thread(_latest_if_same, self.store, request, fmt,
+                                                 limits)
+                if latest is not None:  # idempotent: this deployment is the latest already
+                    return pb.DeployResponse(function=self._function(
+                        await self._registered(latest)))
                 await self._ensure_profile(modules)
                 stored = await asyncio.to_thread(
                     self.store.deploy, request.name, request.source, handler=request.handler,
@@ -396,6 +415,14 @@ class SandboxServicer(pb_grpc.SandboxServicer):
         if name != "default":
             await self.runtime.add_profile(name, list(modules))
 
+    async def _registered(self, stored: StoredFunction) -> FunctionInfo:
+        """The runtime's version of ``stored``, registered now if it was not yet (a shared
+        store's version another node deployed, not followed here yet)."""
+        with contextlib.suppress(FunctionNotFound):
+            return self.runtime.function(stored.name, stored.version)
+        await self._ensure_profile(sorted(set(stored.preload)))
+        return self._register(stored)
+
     def _register(self, stored: StoredFunction) -> FunctionInfo:
         assert self.store is not None
         return self.runtime.register(
@@ -514,6 +541,29 @@ class _InvokeMany:
         code, details = status_for(exc)
         self.out.put_nowait(pb.InvokeManyResponse(
             error=pb.InvokeError(id=ident, code=code.value[0], message=details)))
+
+
+def _latest_if_same(store: Store, request: pb.DeployRequest, fmt: SourceFormat | None,
+                    limits: Limits | None) -> StoredFunction | None:
+    """The latest version of ``request.name`` when it is already exactly this deployment (the
+    same source digest, source format, handler, preload, limits and reuse), else None: Deploy
+    is idempotent, so a retried Deploy whose first attempt landed makes no second version."""
+    try:
+        latest = store.get(request.name)
+    except FunctionNotFound:
+        return None
+    if latest.digest != hashlib.sha256(request.source).hexdigest():
+        return None
+    source_format = fmt or detect_format(request.source)
+    try:
+        handler = normalize_handler(request.handler, source_format)
+    except InvalidRequest:
+        return None  # the store's deploy says what is wrong
+    same = (latest.source_format == source_format and latest.handler == handler
+            and latest.preload == tuple(dict.fromkeys(request.preload))
+            and latest.limits == (limits if limits is not None else Limits())
+            and latest.reuse == max(1, request.reuse))
+    return latest if same else None
 
 
 def _deadline(context: grpc.aio.ServicerContext) -> float | None:

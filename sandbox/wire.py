@@ -21,6 +21,7 @@ from sandbox.store import SourceFormat
 __all__ = [
     "CONTENT_TYPES",
     "DEFAULT_MAX_MESSAGE_BYTES",
+    "REFUSED_METADATA_KEY",
     "limits_from_proto",
     "limits_to_proto",
     "result_from_proto",
@@ -31,6 +32,9 @@ __all__ = [
 
 CONTENT_TYPES = ("application/msgpack", "application/json")
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+#: Trailing metadata of a call the server refused before running anything (the value says why,
+#: e.g. ``draining``): a client may send it again, even an invocation that is not idempotent.
+REFUSED_METADATA_KEY = "sandbox-refused"
 
 _OUTCOME_TO_PROTO: dict[Outcome, pb.Outcome] = {
     o: getattr(pb, f"OUTCOME_{o.value}") for o in Outcome}

@@ -82,7 +82,10 @@ class SandboxServicer:
     """
 
     def Deploy(self, request, context):
-        """Deploy a function (a new version when the name exists).
+        """Deploy a function: a new version when the name exists, unless its latest version is
+        already this very deployment (the same source digest, source format, handler, preload,
+        limits and reuse), which is then returned as it is. So Deploy is idempotent: deploying the
+        same thing twice, or retrying a Deploy whose first attempt landed, makes one version.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -293,7 +293,8 @@ class Front(pb_grpc.SandboxServicer):
 @pytest.fixture
 def front(fleet: list[ServerProcess]) -> Iterator[Front]:
     servicer = Front(fleet[0].target)
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8),
+                         options=[("grpc.max_receive_message_length", 64 * 1024 * 1024)])
     pb_grpc.add_SandboxServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
     servicer.port = server.add_insecure_port("127.0.0.1:0")  # type: ignore[attr-defined]
     server.start()
@@ -321,6 +322,12 @@ def test_what_is_retried(front: Front, tmp_path: Path) -> None:
         fn = client.deploy("retried", FUNCS, handler="funcs:echo")
         assert front.attempts["Deploy"] == 2
         assert client.versions("retried") == [fn.version] == [1]
+        # ...however big: gRPC keeps the whole request to send it again (past its default
+        # 256 KiB it would not retry)
+        front.lose["Deploy"] = 1
+        big = client.deploy("big", "def handler(e, c):\n    return 1\n#" + "x" * 2**22 + "\n")
+        assert front.attempts["Deploy"] == 4 and client.versions("big") == [big.version] == [1]
+        assert client.delete("big") == [1]
 
         # reads: retried
         front.lose["GetInfo"] = 1
@@ -330,7 +337,7 @@ def test_what_is_retried(front: Front, tmp_path: Path) -> None:
         front.lose["DeleteFunction"] = 1
         with pytest.raises(ShuttingDown) as lost:
             client.delete("retried")
-        assert front.attempts["DeleteFunction"] == 1
+        assert front.attempts["DeleteFunction"] == 2  # "big" above, then this one
         assert lost.value.__cause__.code() is grpc.StatusCode.UNAVAILABLE  # type: ignore[union-attr]
         with pytest.raises(FunctionNotFound):
             client.function("retried")

@@ -60,6 +60,26 @@ __all__ = ["Pool", "SlotAllocator"]
 log = get_logger(__name__)
 
 
+_CAP_SYS_NICE = 23
+
+
+def can_renice() -> bool:
+    """Whether this process may leave SCHED_IDLE again, and move its children out of it: it
+    holds CAP_SYS_NICE (root usually does; root in a container without it does not)."""
+    global _can_renice
+    if _can_renice is None:
+        try:
+            with open("/proc/self/status") as f:
+                line = next(x for x in f if x.startswith("CapEff:"))
+            _can_renice = bool(int(line.split()[1], 16) >> _CAP_SYS_NICE & 1)
+        except (OSError, StopIteration, ValueError, IndexError):
+            _can_renice = False
+    return _can_renice
+
+
+_can_renice: bool | None = None
+
+
 def summarize_ms(values: list[float]) -> dict[str, float]:
     """p50/p90/p99 of durations in seconds, in milliseconds ({} for none)."""
     if not values:
@@ -278,8 +298,9 @@ class Pool:
         config["memory_cgroup"] = self.memory_cgroup
         config["slot"] = slot
         config["network"] = network
-        # Warm workers (refills) are born at idle priority when we can undo it from outside.
-        config["idle_birth"] = idle_birth = warm and os.geteuid() == 0
+        # Warm workers (refills) are born at idle priority when we can undo it from outside
+        # (and the zygote from inside): CAP_SYS_NICE, which a container may not grant root.
+        config["idle_birth"] = idle_birth = warm and can_renice()
         requested_ns = time.monotonic_ns()
         try:
             pid, pidfd = await zyg.spawn(config, [child.fileno(), out_w, err_w])

@@ -374,7 +374,10 @@ class _Zygote:
             finally:
                 os._exit(72)
         if idle:
-            os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+            try:
+                os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+            except OSError:
+                pass  # no CAP_SYS_NICE after all: forks stay at idle priority, nothing worse
         for fd in fds:
             os.close(fd)
         self.children.add(pid)

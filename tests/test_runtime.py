@@ -789,3 +789,29 @@ def test_an_exit_read_with_its_spawn_is_not_lost() -> None:
         return got
 
     assert asyncio.run(main()) == [(3 << 8, 0.5, 1024)]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the case is root without CAP_SYS_NICE")
+def test_root_without_cap_sys_nice_still_births(tmp_path: Path) -> None:
+    """Root in a container that does not grant CAP_SYS_NICE cannot leave SCHED_IDLE again:
+    warm births must not use it there (before, the zygote died on its first refill)."""
+    import shutil
+    import subprocess
+    import sys
+
+    if shutil.which("setpriv") is None:
+        pytest.skip("setpriv (util-linux) is not installed")
+    script = tmp_path / "nice.py"
+    script.write_text(textwrap.dedent("""
+        from sandbox import Runtime
+        from sandbox.pool import can_renice
+        assert not can_renice()
+        with Runtime(min_idle=2) as rt:
+            rt.register("f", source="def handler(e, c):\\n    return e + 1\\n")
+            print(sum(rt.invoke("f", i).unwrap() for i in range(20)))
+    """))
+    done = subprocess.run(["setpriv", "--bounding-set=-sys_nice", sys.executable, str(script)],
+                          capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parent.parent)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == [str(sum(range(1, 21)))]

@@ -137,6 +137,16 @@ _SELF = resource.RUSAGE_SELF
 
 def _birth(channel_fd: int, stdout_fd: int, stderr_fd: int, config: Mapping[str, Any]) -> None:
     os.setsid()
+    # When the machine (or a container's limit) runs out of memory, the kernel's OOM killer
+    # takes a worker, never the supervisor first: workers are the most expendable processes.
+    try:
+        adj = os.open("/proc/self/oom_score_adj", os.O_WRONLY)
+        try:
+            os.write(adj, b"1000")
+        finally:
+            os.close(adj)
+    except OSError:
+        pass
     if config.get("idle_birth"):
         # Born at idle priority: a warm worker is made with spare CPU only, never at the
         # expense of running invocations. The supervisor restores SCHED_OTHER from outside

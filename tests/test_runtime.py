@@ -815,3 +815,14 @@ def test_root_without_cap_sys_nice_still_births(tmp_path: Path) -> None:
                           cwd=Path(__file__).resolve().parent.parent)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.split() == [str(sum(range(1, 21)))]
+
+
+def test_workers_are_the_oom_killers_first_choice(rt: Runtime) -> None:
+    """A memory shortage outside our cgroups (the machine's, a pod's limit) kills a worker
+    before the supervisor: every worker has the highest oom_score_adj."""
+    rt.register("adj", source=textwrap.dedent("""
+        def handler(event, context):
+            with open("/proc/self/oom_score_adj") as f:
+                return int(f.read())
+    """))
+    assert rt.invoke("adj").unwrap() == 1000

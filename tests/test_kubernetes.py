@@ -7,15 +7,17 @@ kubectl is installed the rendering is compared with ``kubectl kustomize``. Every
 validated with kubernetes-validate (offline: it bundles the schemas) against Kubernetes
 :data:`KUBERNETES_VERSION`, strict, so a misspelt or misplaced field fails.
 
-Then the behaviour: the probes reach the port the server listens on (and none is a kubelet
-gRPC probe, which cannot speak TLS); the grace period covers preStop and ``--grace``; the
-Service is headless and, like the PDB, the HPA and the spread constraint, selects this
-Deployment's pods; every flag is a real ``sandbox serve`` flag (the real parser); every file a
-flag names is a key of a mounted Secret; every Secret reference and volume exists. The
-container's args start a real server with the README's certificate and tokens, and the
-liveness probe passes against it, then fails once it drains. The unprivileged component is
-applied (a JSON patch) and checked the same way; the README's overlay is rendered by kubectl
-where it is installed.
+Then the behaviour: the probes are the kubelet's gRPC health checks of the plaintext port
+``--health-listen`` opens (a container port; none targets the TLS API port, which a kubelet
+probe could not speak), timed for the start and the drain; the grace period covers preStop and
+``--grace``; the Service is headless and, like the PDB, the HPA and the spread constraint,
+selects this Deployment's pods; every flag is a real ``sandbox serve`` flag (the real parser);
+every file a flag names is a key of a mounted Secret; every Secret reference and volume exists.
+The container's args start a real server with the README's certificate and tokens: a
+plaintext grpc.health.v1 Check of its health port, as the kubelet makes, says SERVING, then
+NOT_SERVING once SIGTERM starts the drain (a call still in flight), and the port is closed once
+the server is gone. The unprivileged component is applied (a JSON patch) and checked the same
+way; the README's overlay is rendered by kubectl where it is installed.
 """
 
 from __future__ import annotations
@@ -26,7 +28,6 @@ import re
 import shutil
 import socket
 import subprocess
-import sys
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -40,13 +41,13 @@ yaml = pytest.importorskip("yaml")
 ROOT = Path(__file__).resolve().parent.parent
 BASE = ROOT / "deploy" / "kubernetes"
 UNPRIVILEGED = BASE / "components" / "unprivileged"
-HEALTHCHECK = ROOT / "deploy" / "healthcheck.py"
 README = (ROOT / "README.md").read_text()
 #: The oldest Kubernetes the base is for (securityContext.appArmorProfile, the preStop sleep
 #: action): the schema every document must pass, strictly.
 KUBERNETES_VERSION = "1.30.0"
-#: Where the image puts the liveness probe (deploy/Dockerfile).
-HEALTHCHECK_IN_IMAGE = "/usr/local/lib/sandbox/healthcheck.py"
+#: The health service the probes ask about: the server sets it SERVING once it accepts calls
+#: (the server-wide "" is SERVING from the start, grpc's default).
+PROBED_SERVICE = "sandbox.v1.Sandbox"
 #: The capabilities strict isolation needs (deployment.yaml says what each is for).
 CAPABILITIES = {"SYS_ADMIN", "SYS_CHROOT", "SETUID", "SETGID", "SETPCAP", "DAC_OVERRIDE",
                 "SYS_NICE", "KILL"}
@@ -277,46 +278,77 @@ def test_the_validation_is_strict_and_offline(docs: list[Doc]) -> None:
 # ---------------------------------------------------------------------------------------------
 # Probes and shutdown
 
-def test_probes_reach_the_port_the_server_listens_on(docs: list[Doc]) -> None:
+def test_the_probes_are_grpc_checks_of_the_health_port(docs: list[Doc]) -> None:
+    """Every probe is the kubelet's own gRPC health check, on the port --health-listen opens
+    (which must be a container port), of the service the server sets SERVING."""
+    from sandbox.server import SERVICE_NAME
+
     container = _container(docs)
-    listen = _port(_flag(container, "--listen"))
-    assert listen in [p["containerPort"] for p in container["ports"]]
+    health = _flag(container, "--health-listen")
+    # The kubelet dials the pod's IP, not loopback.
+    assert health.rsplit(":", 1)[0] == "0.0.0.0"
+    ports = [p for p in container["ports"] if p["containerPort"] == _port(health)]
+    assert len(ports) == 1, f"--health-listen={health} is not a container port"
+    assert ports[0]["name"] == "health" and ports[0]["protocol"] == "TCP"
     probes = _probes(container)
     assert set(probes) == {"startupProbe", "readinessProbe", "livenessProbe"}
+    assert PROBED_SERVICE == SERVICE_NAME
     for kind, probe in probes.items():
-        if "tcpSocket" in probe:
-            assert _container_port(container, probe["tcpSocket"]["port"]) == listen, kind
-        elif "grpc" in probe:
-            assert probe["grpc"]["port"] == listen, kind
-        else:
-            command = probe["exec"]["command"]
-            assert command[:2] == ["python", HEALTHCHECK_IN_IMAGE], kind
-            probe_flags = _flags(command[2:])
-            (addr,) = probe_flags["--addr"]
-            assert addr == f"127.0.0.1:{listen}", kind
+        handlers = set(probe) & {"exec", "tcpSocket", "httpGet", "grpc"}
+        assert handlers == {"grpc"}, f"{kind}: {sorted(handlers)}"
+        assert probe["grpc"]["port"] == _port(health), kind
+        assert probe["grpc"].get("service", "") == PROBED_SERVICE, kind
 
 
-def test_no_kubelet_grpc_probe_on_a_tls_port(docs: list[Doc]) -> None:
-    """The kubelet's gRPC probe is plaintext only: against this TLS port it never passes."""
+def test_no_grpc_probe_targets_the_tls_api_port(docs: list[Doc]) -> None:
+    """The kubelet's gRPC probe is plaintext only: against the TLS API port it never passes."""
     container = _container(docs)
     assert "--tls-cert" in _flags(container["args"])
+    listen = _port(_flag(container, "--listen"))
+    assert _port(_flag(container, "--health-listen")) != listen
     for kind, probe in _probes(container).items():
-        assert "grpc" not in probe, f"{kind}: a kubelet gRPC probe cannot speak TLS"
+        assert probe["grpc"]["port"] != listen, f"{kind}: a kubelet gRPC probe cannot speak TLS"
 
 
-def test_the_liveness_probe_checks_the_certificate_with_the_mounted_ca(docs: list[Doc]) -> None:
-    probe = _flags(_container(docs)["livenessProbe"]["exec"]["command"][2:])
-    (ca,) = probe["--ca"]
-    secret, key = _mounted_file(docs, ca)
-    assert key in _secret_keys(secret)
-    assert probe["--server-name"] == ["localhost"]
+def test_the_health_port_is_for_the_kubelet_only(docs: list[Doc]) -> None:
+    """Clients have no use for the plaintext health port: the Service does not offer it."""
+    container, service = _container(docs), _one(docs, "Service")
+    health = _port(_flag(container, "--health-listen"))
+    for port in service["spec"]["ports"]:
+        assert port["port"] != health
+        assert _container_port(container, port["targetPort"]) != health, port["name"]
 
 
-def test_the_liveness_probe_is_copied_into_the_image() -> None:
+def test_the_probe_timing_fits_the_start_and_the_drain(docs: list[Doc]) -> None:
+    container = _container(docs)
+    probes = _probes(container)
+    grace = float(_flag(container, "--grace"))
+    pre_stop = container["lifecycle"]["preStop"]["sleep"]["seconds"]
+
+    def window(probe: Doc) -> int:  # failures in a row before the kubelet acts (defaults)
+        return int(probe.get("periodSeconds", 10) * probe.get("failureThreshold", 3))
+
+    # The health port opens once every zygote has started and the store is loaded.
+    assert window(probes["startupProbe"]) >= 60
+    # NOT_SERVING from the drain's first moment: the pod is unready well within its grace.
+    assert window(probes["readinessProbe"]) < grace
+    # A drain never looks like a wedged server, and one slow answer restarts nothing.
+    assert window(probes["livenessProbe"]) > pre_stop + grace
+    assert probes["livenessProbe"].get("failureThreshold", 3) >= 3
+    for kind, probe in probes.items():
+        # The default (1 s) is short for a pod whose CPUs are busy giving birth to workers.
+        assert probe.get("timeoutSeconds", 1) >= 2, kind
+        assert probe.get("successThreshold", 1) == 1, kind
+
+
+def test_no_probe_script_is_left_and_the_image_exposes_the_ports(docs: list[Doc]) -> None:
+    """The kubelet's probes need nothing in the image: the old exec probe's script is gone."""
+    assert not (ROOT / "deploy" / "healthcheck.py").exists()
     dockerfile = (ROOT / "deploy" / "Dockerfile").read_text()
-    assert f"COPY deploy/healthcheck.py {HEALTHCHECK_IN_IMAGE}" in dockerfile
-    ignore = (ROOT / "deploy" / "Dockerfile.dockerignore").read_text().split()
-    assert "!deploy/healthcheck.py" in ignore
+    ignore = (ROOT / "deploy" / "Dockerfile.dockerignore").read_text()
+    assert "healthcheck" not in dockerfile and "healthcheck" not in ignore
+    (expose,) = re.findall(r"^EXPOSE (.*)$", dockerfile, re.M)
+    assert {p["containerPort"] for p in _container(docs)["ports"]} == set(map(int, expose.split()))
 
 
 def test_termination_grace_covers_prestop_and_the_servers_grace(docs: list[Doc]) -> None:
@@ -585,14 +617,17 @@ def test_the_cgroupfs_remount_makes_every_cgroup_mount_writable(docs: list[Doc],
 @pytest.fixture(scope="module")
 def pod_secrets(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The files of the pod's Secrets, made by the README's commands (a CA, a certificate for
-    the Service's names and localhost, a tokens file), under the keys the Secrets give them."""
+    the Service's names, a tokens file), under the keys the Secrets give them; and
+    ``admin-token``, the token whose hash the README's tokens file holds."""
     if shutil.which("openssl") is None:
         pytest.skip("the openssl command is not installed")
     d = tmp_path_factory.mktemp("pod-secrets")
     blocks = [textwrap.dedent(b) for b in re.findall(r"```\n(.*?)```", _readme_section(), re.S)]
     (commands,) = [b for b in blocks if "openssl req -x509" in b]
-    subprocess.run(["bash", "-euo", "pipefail", "-c", commands], cwd=d, check=True,
-                   capture_output=True, timeout=60)
+    assert "TOKEN=" in commands
+    subprocess.run(["bash", "-euo", "pipefail", "-c",
+                    commands + '\nprintf %s "$TOKEN" > admin-token\n'],
+                   cwd=d, check=True, capture_output=True, timeout=60)
     overlay = yaml.safe_load(_readme_overlay())
     for generator in overlay["secretGenerator"]:
         for item in generator["files"]:
@@ -607,95 +642,96 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _as_here(docs: list[Doc], secrets: Path, tmp: Path, port: int) -> tuple[list[str], list[str]]:
-    """The container's args and liveness command with the pod's paths made local: the
-    Secrets' files from ``secrets``, the volumes under ``tmp``, loopback addresses."""
-    container = _container(docs)
-
-    def local(value: str) -> str:
-        if value.startswith("/etc/sandbox/"):
-            return str(secrets / Path(value).name)
-        if value.startswith("/var/lib/sandbox"):
-            return str(tmp / "state")
-        return value.replace("0.0.0.0:50051", f"127.0.0.1:{port}").replace(
-            "127.0.0.1:50051", f"127.0.0.1:{port}").replace("0.0.0.0:9090", "127.0.0.1:0")
-
+def _as_here(docs: list[Doc], secrets: Path, tmp: Path, port: int, health_port: int
+             ) -> list[str]:
+    """The container's args with the pod's paths made local: the Secrets' files from
+    ``secrets``, the volumes under ``tmp``, loopback addresses (``port`` for the API,
+    ``health_port`` for the health service, any free one for metrics)."""
+    addresses = {"--listen": f"127.0.0.1:{port}", "--health-listen": f"127.0.0.1:{health_port}",
+                 "--metrics-listen": "127.0.0.1:0"}
     args = []
-    for item in container["args"]:
+    for item in _container(docs)["args"]:
         flag, _, value = item.partition("=")
         value = _expand(value, {"SANDBOX_NODE_NAME": "sandbox-7d9f-abcde"})
-        if flag == "--isolation" and os.geteuid() != 0:
+        if value.startswith("/etc/sandbox/"):
+            value = str(secrets / Path(value).name)
+        elif value.startswith("/var/lib/sandbox"):
+            value = str(tmp / "state")
+        elif flag in addresses:
+            value = addresses[flag]
+        elif flag == "--isolation" and os.geteuid() != 0:
             value = "best-effort"  # strict needs root; as root the pod's value is used
-        args += [flag, local(value)]
-    liveness = container["livenessProbe"]["exec"]["command"]
-    probe = [sys.executable, str(HEALTHCHECK)] + [
-        f"{i.partition('=')[0]}={local(i.partition('=')[2])}" for i in liveness[2:]]
-    return args, probe
+        args += [flag, value]
+    return args
 
 
-def test_the_args_start_a_server_that_the_probes_find_healthy(docs: list[Doc], pod_secrets: Path,
-                                                              tmp_path: Path) -> None:
+#: Streams "running" once it runs, then sleeps: a call in flight across the drain.
+TICK = "import time\n\ndef handler(event, context):\n    yield 'running'\n    time.sleep(event)\n"
+
+
+def test_the_args_start_a_server_whose_health_port_the_probes_read(
+        docs: list[Doc], pod_secrets: Path, tmp_path: Path) -> None:
+    """What the kubelet's probes see, with its own means: a plaintext grpc.health.v1 Check of
+    the health port (the real stub), SERVING while the server serves, NOT_SERVING from the
+    first moment of the drain (a call still in flight), then a closed port."""
+    import grpc
     from grpc_conftest import ServerProcess
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    port = _free_port()
-    args, probe = _as_here(docs, pod_secrets, tmp_path, port)
+    from sandbox._proto.sandbox.v1 import sandbox_pb2 as pb
+    from sandbox._proto.sandbox.v1 import sandbox_pb2_grpc as pb_grpc
+    from sandbox.client import Client
+
+    serving = health_pb2.HealthCheckResponse.SERVING
+    not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
+    request = health_pb2.HealthCheckRequest(
+        service=_container(docs)["readinessProbe"]["grpc"].get("service", ""))
+    port, health_port = _free_port(), _free_port()
+    args = _as_here(docs, pod_secrets, tmp_path, port, health_port)
     # (--log-level info: the JSON "listening" line names the node; the pod logs at info too)
     server = ServerProcess(tmp_path / "state", *args, "--log-level", "info",
                            stderr=tmp_path / "server.log")
     try:
         assert server.port == port
-        # startup and readiness: the port accepts connections
-        with socket.create_connection(("127.0.0.1", port), timeout=5):
-            pass
-        ok = subprocess.run(probe, capture_output=True, text=True, timeout=60)
-        assert ok.returncode == 0, ok.stderr
-        # the certificate names the Service, as clients dial it
-        service = [a if not a.startswith("--server-name=") else
-                   "--server-name=sandbox.sandbox.svc.cluster.local" for a in probe]
-        named = subprocess.run(service, capture_output=True, text=True, timeout=60)
-        assert named.returncode == 0, named.stderr
-        # the probe does check the certificate
-        wrong = [a if not a.startswith("--server-name=") else "--server-name=elsewhere"
-                 for a in probe]
-        refused = subprocess.run(wrong, capture_output=True, text=True, timeout=60)
-        assert refused.returncode == 1 and "UNAVAILABLE" in refused.stderr, refused.stderr
-        server.terminate()
-        assert server.wait() == 0
-        # drained and gone: the liveness probe fails, the port refuses
-        after = subprocess.run(probe, capture_output=True, text=True, timeout=60)
-        assert after.returncode == 1
-        with pytest.raises(OSError), socket.create_connection(("127.0.0.1", port), timeout=5):
-            pass
+        with grpc.insecure_channel(f"127.0.0.1:{health_port}") as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            assert health.Check(request, timeout=10).status == serving
+            # Health alone there: no function can be reached without TLS and a token.
+            with pytest.raises(grpc.RpcError) as alone:
+                pb_grpc.SandboxStub(channel).GetInfo(pb.GetInfoRequest(), timeout=10)
+            assert alone.value.code() == grpc.StatusCode.UNIMPLEMENTED
+            # The API port is TLS: the same probe there fails, which is why the port above is.
+            with grpc.insecure_channel(f"127.0.0.1:{port}") as plain:
+                with pytest.raises(grpc.RpcError) as tls:
+                    health_pb2_grpc.HealthStub(plain).Check(request, timeout=10)
+                assert tls.value.code() == grpc.StatusCode.UNAVAILABLE
+            # A client of the Service (the certificate names it), a call in flight.
+            token = (pod_secrets / "admin-token").read_text()
+            with Client(f"127.0.0.1:{port}", tls_ca=pod_secrets / "ca.crt", token=token,
+                        tls_server_name="sandbox.sandbox.svc.cluster.local",
+                        timeout=60) as client:
+                client.deploy("tick", TICK)
+                running = client.stream("tick", 120)
+                assert next(iter(running)) == "running"
+                watch = health.Watch(request, timeout=60)
+                try:
+                    assert next(watch).status == serving
+                    server.terminate()
+                    assert next(watch).status == not_serving
+                finally:
+                    watch.cancel()
+                # A probe during the drain: NOT_SERVING while the call still runs (--grace).
+                assert health.Check(request, timeout=10).status == not_serving
+                running.cancel()
+            assert server.wait() == 0
+            # Gone: the health port is closed.
+            with pytest.raises(grpc.RpcError) as closed:
+                health.Check(request, timeout=10)
+            assert closed.value.code() == grpc.StatusCode.UNAVAILABLE
     finally:
         server.stop()
     log = (tmp_path / "server.log").read_text()
     assert '"node": "sandbox-7d9f-abcde"' in log or '"node":"sandbox-7d9f-abcde"' in log
-
-
-def test_the_healthcheck_says_not_serving(tmp_path: Path) -> None:
-    """A health service that answers NOT_SERVING (a draining server) fails the probe."""
-    import importlib.util
-    from concurrent import futures
-
-    import grpc
-    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-
-    spec = importlib.util.spec_from_file_location("healthcheck", HEALTHCHECK)
-    assert spec is not None and spec.loader is not None
-    healthcheck = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(healthcheck)
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-    servicer = health.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    try:
-        servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-        assert healthcheck.main([f"--addr=127.0.0.1:{port}"]) == 0
-        servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
-        assert healthcheck.main([f"--addr=127.0.0.1:{port}"]) == 1
-    finally:
-        server.stop(0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -732,8 +768,8 @@ def test_the_unprivileged_variant_holds_no_capability(unprivileged: list[Doc]) -
             assert volume["secret"]["defaultMode"] & 0o040
     # Everything else is the base's.
     base = _container(BASE_DOCS)
-    for field in ("env", "ports", "volumeMounts", "livenessProbe", "readinessProbe",
-                  "resources"):
+    for field in ("env", "ports", "volumeMounts", "startupProbe", "livenessProbe",
+                  "readinessProbe", "resources"):
         assert container[field] == base[field], field
     assert [a for a in container["args"] if not a.startswith("--isolation=")] == \
         [a for a in base["args"] if not a.startswith("--isolation=")]

@@ -138,7 +138,8 @@ def _serve(args: argparse.Namespace) -> int:
             grace_s=args.grace, invoke_many_window=args.invoke_many_window,
             max_message_bytes=args.max_message_size, ready=ready, isolation=args.isolation,
             security=security, metrics_listen=args.metrics_listen,
-            metrics_ready=metrics_ready, node_name=args.node_name, store_url=args.store))
+            metrics_ready=metrics_ready, node_name=args.node_name, store_url=args.store,
+            health_listen=args.health_listen))
     except SandboxError as exc:
         return _fail(exc)
     return 0
@@ -331,6 +332,10 @@ def add_subcommands(subparsers: Any) -> None:
                         "admin, TOKEN the secret or sha256:HEX; reloaded on SIGHUP")
     p.add_argument("--insecure", action="store_true",
                    help="allow a non-loopback --listen without TLS and tokens")
+    p.add_argument("--health-listen", default=None, metavar="HOST:PORT",
+                   help="also serve the gRPC health service alone, in plaintext, on this "
+                        "address: for probes that speak no TLS, such as Kubernetes' native "
+                        "gRPC probes, when --listen has TLS")
     p.add_argument("--store", default=os.environ.get("SANDBOX_STORE") or None, metavar="URL",
                    help="a fleet's shared function store, postgresql://USER:PASSWORD@HOST/DB: "
                         "every server given the same URL serves the same functions, mirrored "

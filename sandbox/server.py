@@ -759,6 +759,7 @@ async def serve(
     metrics_ready: Callable[[str], None] | None = None,
     node_name: str | None = None,
     store_url: str | None = None,
+    health_listen: str | None = None,
 ) -> None:
     """Run ``sandbox serve`` until SIGTERM/SIGINT (or ``stop`` is set), then drain.
 
@@ -770,7 +771,8 @@ async def serve(
     this server in a fleet (GetInfo, every result's ``stats.node``, the access log); default
     ``hostname:port``. ``store_url``: a ``postgresql://`` URL makes the function store a fleet's
     shared one (:mod:`sandbox.pgstore`), mirrored in ``state_dir``; None keeps functions in
-    ``state_dir`` alone.
+    ``state_dir`` alone. ``health_listen``: also serve the health service alone, in
+    plaintext, there (for probes that speak no TLS, such as Kubernetes' native gRPC probes).
 
     Raises:
         ConfigurationError: bad security settings, an address that cannot be bound, or a
@@ -815,7 +817,8 @@ async def serve(
                                      max_message_bytes=max_message_bytes, ready=ready,
                                      stop=stop, credentials=credentials,
                                      interceptors=interceptors, tokens=tokens,
-                                     node_name=node_name, access_log=access_log)
+                                     node_name=node_name, access_log=access_log,
+                                     health_listen=health_listen)
             finally:
                 await runtime.aclose(grace_s=min(grace_s, 1.0))
     finally:
@@ -905,7 +908,8 @@ async def _serve_runtime(runtime: AsyncRuntime, store: Store, address: str, *,
                          credentials: grpc.ServerCredentials | None = None,
                          interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
                          tokens: TokenTable | None = None, node_name: str | None = None,
-                         access_log: AccessLog | None = None) -> None:
+                         access_log: AccessLog | None = None,
+                         health_listen: str | None = None) -> None:
     stop = stop if stop is not None else asyncio.Event()
     loop = asyncio.get_running_loop()
     signals = [signal.SIGTERM, signal.SIGINT]
@@ -915,6 +919,7 @@ async def _serve_runtime(runtime: AsyncRuntime, store: Store, address: str, *,
         loop.add_signal_handler(signal.SIGHUP, _reload_tokens, tokens)
         signals.append(signal.SIGHUP)
     handle: ServerHandle | None = None
+    health_server: grpc.aio.Server | None = None
     try:
         handle = create_server(runtime, address, store=store,
                                invoke_many_window=invoke_many_window,
@@ -924,6 +929,8 @@ async def _serve_runtime(runtime: AsyncRuntime, store: Store, address: str, *,
             access_log.node = handle.servicer.node
         await handle.servicer.load_store()
         await handle.server.start()
+        if health_listen is not None:
+            health_server = await _start_health_server(handle.health, health_listen)
         await _set_serving(handle)
         host = address if handle.port == 0 else address.rsplit(":", 1)[0]
         shown = host if handle.port == 0 else f"{host}:{handle.port}"
@@ -945,7 +952,33 @@ async def _serve_runtime(runtime: AsyncRuntime, store: Store, address: str, *,
             loop.remove_signal_handler(sig)
         if handle is not None:
             await handle.server.stop(0)
+        if health_server is not None:
+            await health_server.stop(0)
         sys.stdout.flush()
+
+
+async def _start_health_server(health_servicer: Any, address: str) -> grpc.aio.Server:
+    """The health service alone, in plaintext, on ``address``: what Kubernetes' native gRPC
+    probes can reach when the API's port has TLS (they speak no TLS). It says what the API's
+    own health service says (one servicer), NOT_SERVING from the first moment of a drain.
+    Nothing else is served there, so it needs neither TLS nor tokens.
+
+    Raises:
+        ConfigurationError: the address cannot be bound.
+    """
+    server = grpc.aio.server()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    try:
+        port = server.add_insecure_port(address)
+    except RuntimeError as exc:
+        raise ConfigurationError(f"--health-listen: cannot listen on {address!r}: {exc}") from exc
+    if port == 0:
+        raise ConfigurationError(f"--health-listen: cannot listen on {address!r}")
+    await server.start()
+    shown = f"{address.rsplit(':', 1)[0]}:{port}"
+    log.info("health service on %s (plaintext, health only)", shown,
+             extra={"event": "health_listening", "fields": {"address": shown}})
+    return server
 
 
 def _reload_tokens(tokens: TokenTable) -> None:

@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -50,6 +51,15 @@ def tick(event, context):
 ADMIN = "admin-token-0123456789abcdef"
 INVOKER = "invoke-token-0123456789abcdef"
 HASHED_INVOKER = "hashed-invoke-token-fedcba9876543210"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+HEALTH_PORT = _free_port()
 
 
 @pytest.fixture(autouse=True)
@@ -110,7 +120,8 @@ def secured(pki: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ser
     srv = ServerProcess(d / "state", "--tls-cert", str(pki / "server.pem"), "--tls-key",
                         str(pki / "server.key"), "--auth-tokens", str(tokens), "--min-idle",
                         "1", "--metrics-listen", "127.0.0.1:0", "--log-format", "json",
-                        "--log-level", "info", stderr=d / "server.log")
+                        "--log-level", "info", "--health-listen", f"127.0.0.1:{HEALTH_PORT}",
+                        stderr=d / "server.log")
     srv.tokens_file = tokens  # type: ignore[attr-defined]
     srv.log_file = d / "server.log"  # type: ignore[attr-defined]
     try:
@@ -250,6 +261,19 @@ def test_admin_role_may_do_everything(secured: ServerProcess, pki: Path) -> None
         stub = pb_grpc.SandboxStub(channel)
         for method, request, _ in RPCS:
             _call(stub, method, request, ADMIN)
+
+
+def test_health_alone_in_plaintext_on_the_health_port(secured: ServerProcess) -> None:
+    """--health-listen: what a probe without TLS (Kubernetes' native gRPC probe) can reach,
+    and nothing else."""
+    with grpc.insecure_channel(f"127.0.0.1:{HEALTH_PORT}") as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        for service in ("", "sandbox.v1.Sandbox"):
+            response = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
+            assert response.status == health_pb2.HealthCheckResponse.SERVING
+        with pytest.raises(grpc.RpcError) as refused:
+            pb_grpc.SandboxStub(channel).GetInfo(pb.GetInfoRequest(), timeout=10)
+        assert refused.value.code() == grpc.StatusCode.UNIMPLEMENTED
 
 
 def test_health_is_open_reflection_needs_a_token(secured: ServerProcess, pki: Path) -> None:

@@ -17,6 +17,8 @@ from __future__ import annotations
 import asyncio
 import collections
 import json
+import os
+import select
 import shutil
 import subprocess
 import sys
@@ -58,6 +60,10 @@ def record(event, context):
     # one line per run, in a file of the test's (the replicas run with --isolation off)
     with open(event["log"], "a") as f:
         f.write(f"{event['tag']} {os.getpid()}\\n")
+    if "fifo" in event:  # and says so to the test waiting on the fifo
+        fd = os.open(event["fifo"], os.O_WRONLY | os.O_NONBLOCK)
+        os.write(fd, f"{event['tag']}\\n".encode())
+        os.close(fd)
     time.sleep(event.get("seconds", 0))
     return event["tag"]
 '''
@@ -437,6 +443,24 @@ def test_losing_a_replica(fleet: list[ServerProcess], tmp_path: Path) -> None:
                     by_pid[pid] = srv
         return by_pid[pid]
 
+    fifo = tmp_path / "runs.fifo"
+    os.mkfifo(fifo)
+    # Held open for reading all along, so a run's non-blocking write always finds a reader.
+    announced = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    heard: set[str] = set()
+
+    def wait_ran(tag: str, thread: threading.Thread) -> None:
+        """Wait on the fifo until ``tag`` has run (deadlock guard: 20 s)."""
+        deadline = time.monotonic() + 20
+        pending = b""
+        while tag not in heard:
+            remaining = deadline - time.monotonic()
+            assert remaining > 0 and thread.is_alive(), outcomes
+            if select.select([announced], [], [], remaining)[0]:
+                pending += os.read(announced, 4096)
+                *done, pending = pending.split(b"\n")
+                heard.update(line.decode() for line in done)
+
     with Client(_target(fleet), timeout=60) as client:
         _connect_all(client, set(NODES))
         outcomes: dict[str, InvocationResult | BaseException] = {}
@@ -444,7 +468,8 @@ def test_losing_a_replica(fleet: list[ServerProcess], tmp_path: Path) -> None:
         def call(tag: str, idempotent: bool) -> None:
             try:
                 outcomes[tag] = client.invoke(
-                    "record", {"log": str(runs), "tag": tag, "seconds": 4},
+                    "record", {"log": str(runs), "tag": tag, "seconds": 4,
+                               "fifo": str(fifo)},
                     idempotent=idempotent)
             except BaseException as exc:
                 outcomes[tag] = exc
@@ -458,10 +483,7 @@ def test_losing_a_replica(fleet: list[ServerProcess], tmp_path: Path) -> None:
             thread = threading.Thread(target=call, args=(tag, idempotent))
             thread.start()
             threads.append(thread)
-            deadline = time.monotonic() + 20
-            while not any(t == tag for t, _ in lines()):
-                assert time.monotonic() < deadline and thread.is_alive(), outcomes
-                time.sleep(0.01)
+            wait_ran(tag, thread)
             srv = replica(dict(lines())[tag])
             where[srv.node][idempotent] = tag  # type: ignore[attr-defined]
             if len(where[srv.node]) == 2:  # type: ignore[attr-defined]
@@ -507,6 +529,7 @@ def test_losing_a_replica(fleet: list[ServerProcess], tmp_path: Path) -> None:
         assert client.deploy("after", FUNCS, handler="funcs:echo").version == 1
 
     assert len(runs_of[plain]) == 1 and [t for t, _ in lines()].count(plain) == 1
+    os.close(announced)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """Benchmarks: cold start, latency (light load and sustained), throughput, timeouts, worker
-births, call phases, memory, the SOCK/Forklift paper and what metrics and access logs cost; and
-a soak (hostile sustained load,
-long: not part of `all`).
+births, call phases, memory, the SOCK/Forklift paper, what metrics and access logs cost, and a
+fleet (deploy propagation, three replicas vs one); and a soak (hostile sustained load, long:
+not part of `all`).
 
 Map of the package (each module one concept)::
 
@@ -16,6 +16,10 @@ Map of the package (each module one concept)::
     executors.py    the executor suite: sandbox.Executor beside ProcessPoolExecutor, loky and
                     pebble: a sustained map of a no-op, and what a timeout, an OOM and a
                     segfault cost each (executor_work.py: what their workers run)
+    fleet.py        the fleet suite: PostgreSQL + three `sandbox serve` replicas; a deploy
+                    through one served by the others (ms), 8 callers over 3 replicas vs 1
+    localfleet.py   a local fleet: a temporary PostgreSQL (`Postgres`, also the tests') and N
+                    `sandbox serve --store` replicas (`LocalFleet`, also examples/fleet.py)
     soak.py         the soak suite: 20,000 calls, 16 callers, 10 % hostile; nothing lost, every
                     outcome right, the supervisor's RSS and fd slopes; no process left
     core.py         the Method interface, the method table, timing and statistics, machine info

@@ -19,7 +19,7 @@ from pathlib import Path
 
 SUITE_NAMES = (
     "coldstart", "latency", "sustained", "throughput", "timeouts", "births", "calls", "memory",
-    "paper", "observability", "executor",
+    "paper", "observability", "executor", "fleet",
 )  # fmt: skip
 #: suites run only when named (long): not in `all`
 LONG_SUITES = ("soak",)
@@ -29,7 +29,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="sandbox bench",
         description="Cold start, latency (light load and sustained), throughput, timeout, "
-        "birth, call-phase, memory and observability-overhead benchmarks (`all`); `soak` "
+        "birth, call-phase, memory, observability-overhead and fleet (PostgreSQL + three "
+        "replicas: deploy propagation, 3 vs 1 replicas) benchmarks (`all`); `soak` "
         "(long, only when named): 20,000 calls, 10 % hostile, nothing lost, supervisor memory "
         "and fds flat.",
     )

@@ -168,6 +168,26 @@ BASELINES: dict[str, Baseline] = {
         "is in `benchmarks/executors.py`: the peers have no memory limit, so their OOM is the "
         "SIGKILL the kernel's OOM killer sends.",
     ),
+    "fleet": Baseline(
+        "fleet-1-replica",
+        "throughput_per_s",
+        about="A fleet on one machine: a temporary PostgreSQL and three `sandbox serve --store "
+        "postgresql://...` replicas on loopback (n1, n2, n3; the server's defaults, every "
+        "isolation layer as root), same run. *Propagation* (rows `propagation: ...`, labelled "
+        "light load: one deploy at a time on an otherwise idle fleet; not a call's latency): "
+        "n1 deploys a new version of a function, and a client to n2, then one to n3, asks for "
+        "that version (GetFunction) in a tight loop until it is there; timed from the start "
+        "of the deploy (and from n1's answer) to n2 serving it and to n2 and n3 both serving "
+        "it. Target (a check): p99 deploy start → served by every other replica ≤ 1 s. "
+        "`8-callers` (sustained): 8 threads invoke a trivial function (echo, `reuse=1`: a "
+        "worker birth per call) back to back through one `Client` balanced round_robin over "
+        "the three replicas (`fleet-3-replicas`) and through a `Client` to n1 alone "
+        "(`fleet-1-replica`), in blocks alternating 3 1, 1 3, ...; the ratio column is calls/s "
+        "÷ one replica's. On one machine the replicas share its CPUs: three cannot triple one. "
+        "Checks: each replica served within ±20 % of an even share of the balanced calls "
+        "(`stats.node`), every propagated version answers right on n2 and n3, every replica "
+        "exits 0 on SIGTERM and leaves nothing behind.",
+    ),
     "calls": Baseline(
         "sandbox-no-layers",
         "p50_ms",

@@ -23,6 +23,9 @@ visible while it runs. A unit whose method cannot be set up is recorded as
     executor    (executors.py) sandbox.Executor beside ProcessPoolExecutor, loky and pebble: a
                 sustained map of a no-op (per call, ratios), and what a timeout, an OOM kill and
                 a segfault cost each pool (one failed future, or a broken or stuck pool)
+    fleet       (fleet.py) three `sandbox serve` replicas sharing a PostgreSQL store
+                (localfleet.py): a deploy through one served by the others (ms), and calls/s
+                of 8 callers through a round_robin client over three vs one replica
     soak        (soak.py, not in `all`: long) 20,000 calls from 16 callers, 10 % hostile: nothing
                 lost, every outcome right, the supervisor's RSS and fds flat (slopes)
 
@@ -612,6 +615,12 @@ def _executor(cfg: Config) -> list[Unit]:
     return executor(cfg)
 
 
+def _fleet(cfg: Config) -> list[Unit]:
+    from benchmarks.fleet import fleet
+
+    return fleet(cfg)
+
+
 def _soak(cfg: Config) -> list[Unit]:
     from benchmarks.soak import soak
 
@@ -630,5 +639,6 @@ SUITES: dict[str, Callable[[Config], list[Unit]]] = {
     "calls": _calls,
     "executor": _executor,
     "observability": _observability,
+    "fleet": _fleet,
     "soak": _soak,
 }

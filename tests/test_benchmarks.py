@@ -406,3 +406,25 @@ def test_executor_quick(quick_run: tuple[Path, subprocess.CompletedProcess[str]]
     # The peers' state after each fault is what it is: broken or stuck (said, not asserted).
     md = (out / "executor.md").read_text()
     assert "## What a bad call costs" in md and "### segfault" in md
+
+
+def test_fleet_quick(quick_run: tuple[Path, subprocess.CompletedProcess[str]]) -> None:
+    """PostgreSQL + three replicas (or "unavailable" with the reason): propagation rows, the
+    sustained 3-vs-1 rows with their ratio per round, and the checks (propagation within a
+    second, every replica its share of the balanced calls, clean exits) all passed."""
+    out, _ = quick_run
+    data = json.loads((out / "fleet.json").read_text())
+    if data["unavailable"]:
+        (item,) = data["unavailable"]
+        assert item["reason"] and not data["results"], data["unavailable"]
+        pytest.skip(f"fleet unavailable: {item['reason']}")
+    rows = {(r["scenario"], r["method"]): r for r in data["results"]}
+    for m in ("fleet-3-replicas", "fleet-1-replica"):
+        row = rows[("8-callers", m)]
+        assert row["regime"] == SUSTAINED and row["throughput_per_s"], row
+    propagation = [r for r in data["results"] if r["scenario"].startswith("propagation")]
+    assert len(propagation) == 3 and all(r["n"] == 10 for r in propagation), propagation
+    (ratio,) = data["ratios"]
+    assert ratio["target"] is None and len(ratio["per_round"]) == 2, ratio
+    assert len(data["checks"]) == 5 and all(c["passed"] for c in data["checks"]), data["checks"]
+    assert set(data["fleet"]["throughput"]["per_node"]) == {"n1", "n2", "n3"}

@@ -445,8 +445,9 @@ def test_losing_a_replica(fleet: list[ServerProcess], tmp_path: Path) -> None:
 
     fifo = tmp_path / "runs.fifo"
     os.mkfifo(fifo)
-    # Held open for reading all along, so a run's non-blocking write always finds a reader.
-    announced = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    # Held open all along, so a run's non-blocking write always finds a reader; read-write, so
+    # it never reads as end-of-file between two runs' writes (select would not wait then).
+    announced = os.open(fifo, os.O_RDWR | os.O_NONBLOCK)
     heard: set[str] = set()
 
     def wait_ran(tag: str, thread: threading.Thread) -> None:
@@ -457,7 +458,10 @@ def test_losing_a_replica(fleet: list[ServerProcess], tmp_path: Path) -> None:
             remaining = deadline - time.monotonic()
             assert remaining > 0 and thread.is_alive(), outcomes
             if select.select([announced], [], [], remaining)[0]:
-                pending += os.read(announced, 4096)
+                try:
+                    pending += os.read(announced, 4096)
+                except BlockingIOError:  # woken for nothing: wait again
+                    continue
                 *done, pending = pending.split(b"\n")
                 heard.update(line.decode() for line in done)
 

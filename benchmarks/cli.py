@@ -19,7 +19,7 @@ from pathlib import Path
 
 SUITE_NAMES = (
     "coldstart", "latency", "sustained", "throughput", "timeouts", "births", "calls", "memory",
-    "paper", "observability", "executor", "fleet",
+    "paper", "observability", "executor", "async", "fleet",
 )  # fmt: skip
 #: suites run only when named (long): not in `all`
 LONG_SUITES = ("soak",)

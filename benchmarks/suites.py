@@ -23,6 +23,8 @@ visible while it runs. A unit whose method cannot be set up is recorded as
     executor    (executors.py) sandbox.Executor beside ProcessPoolExecutor, loky and pebble: a
                 sustained map of a no-op (per call, ratios), and what a timeout, an OOM kill and
                 a segfault cost each pool (one failed future, or a broken or stuck pool)
+    async       (asyncq.py) asynchronous invocations: enqueue throughput (1 and 32 callers) and
+                queue-to-start latency, single node (SQLite) and fleet (PostgreSQL)
     fleet       (fleet.py) three `sandbox serve` replicas sharing a PostgreSQL store
                 (localfleet.py): a deploy through one served by the others (ms), and calls/s
                 of 8 callers through a round_robin client over three vs one replica
@@ -615,6 +617,12 @@ def _executor(cfg: Config) -> list[Unit]:
     return executor(cfg)
 
 
+def _async(cfg: Config) -> list[Unit]:
+    from benchmarks.asyncq import async_suite
+
+    return async_suite(cfg)
+
+
 def _fleet(cfg: Config) -> list[Unit]:
     from benchmarks.fleet import fleet
 
@@ -639,6 +647,7 @@ SUITES: dict[str, Callable[[Config], list[Unit]]] = {
     "calls": _calls,
     "executor": _executor,
     "observability": _observability,
+    "async": _async,
     "fleet": _fleet,
     "soak": _soak,
 }

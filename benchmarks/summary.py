@@ -18,6 +18,8 @@ SUITES = [
     ("soak", "Soak: 16 callers, 10 % hostile calls; nothing lost, supervisor RSS and fds flat"),
     ("executor", "sandbox.Executor beside ProcessPoolExecutor, loky and pebble: a sustained map, "
                  "and what a timeout, an OOM and a segfault cost"),
+    ("async", "Asynchronous invocations: enqueue throughput and queue-to-start latency, single "
+              "node (SQLite) and fleet (PostgreSQL)"),
     ("latency", "Latency at light load (warm pool before each call)"),
     ("timeouts", "Timeouts (100 ms timeout): light load, and 16 callers at once"),
     ("coldstart", "Cold start with a preloaded profile (light load, warm pool)"),

@@ -13,6 +13,7 @@ __version__ = "0.1.0"
 # No logging here: this package is imported into every zygote (see sandbox._logging).
 
 if TYPE_CHECKING:
+    from sandbox.asyncq import AsyncPolicy, InvocationNotFound, InvocationState, QueuedInvocation
     from sandbox.errors import (
         ConfigurationError,
         FunctionNotFound,
@@ -50,6 +51,7 @@ if TYPE_CHECKING:
 
 _EXPORTS = {
     "AsyncInvocation": "sandbox.runtime",
+    "AsyncPolicy": "sandbox.asyncq",
     "AsyncRuntime": "sandbox.runtime",
     "CPULimitExceeded": "sandbox.executor",
     "CallFailed": "sandbox.executor",
@@ -65,6 +67,8 @@ _EXPORTS = {
     "FunctionNotFound": "sandbox.errors",
     "InvalidRequest": "sandbox.errors",
     "Invocation": "sandbox.runtime",
+    "InvocationNotFound": "sandbox.asyncq",
+    "InvocationState": "sandbox.asyncq",
     "InvocationFailed": "sandbox.errors",
     "InvocationResult": "sandbox.outcome",
     "InvocationStream": "sandbox.runtime",
@@ -74,6 +78,7 @@ _EXPORTS = {
     "OutputLimitExceeded": "sandbox.executor",
     "Overloaded": "sandbox.errors",
     "ProfileError": "sandbox.errors",
+    "QueuedInvocation": "sandbox.asyncq",
     "ResultNotSerializable": "sandbox.executor",
     "Runtime": "sandbox.runtime",
     "SandboxError": "sandbox.errors",

@@ -5,8 +5,8 @@ prints one JSON object: ``outcome``, ``result``, ``error``, ``stdout``, ``stderr
 It exits 0 exactly when the outcome is ``OK``; 1 for any other outcome; 2 for bad arguments
 (one line on stderr naming the argument, never a traceback).
 
-The gRPC subcommands (``serve``, ``deploy``, ``invoke``, ``functions``, ``info``),
-``doctor`` and ``bench`` are added by their modules.
+The gRPC subcommands (``serve``, ``deploy``, ``invoke``, ``functions``, ``info``,
+``invocations``, ``invocation``), ``doctor`` and ``bench`` are added by their modules.
 """
 
 from __future__ import annotations

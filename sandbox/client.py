@@ -42,6 +42,7 @@ which are on and only resend a call that never reached the server. See :class:`R
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import datetime
 import ipaddress
@@ -49,7 +50,7 @@ import json
 import os
 import random
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +59,14 @@ import msgpack
 
 from sandbox._proto.sandbox.v1 import sandbox_pb2 as pb
 from sandbox._proto.sandbox.v1 import sandbox_pb2_grpc as pb_grpc
+from sandbox.asyncq import AsyncPolicy, InvocationNotFound, InvocationState, QueuedInvocation
+from sandbox.asyncq_wire import (
+    invocation_from_proto,
+    policy_fields_from_proto,
+    policy_to_proto,
+    state_from_proto,
+    state_to_proto,
+)
 from sandbox.errors import (
     ConfigurationError,
     FunctionNotFound,
@@ -85,6 +94,7 @@ __all__ = [
     "RETRIED_METHODS",
     "AsyncClient",
     "AsyncResultStream",
+    "AsyncSubmission",
     "Client",
     "DeadlineExceeded",
     "Invocation",
@@ -312,6 +322,8 @@ class RemoteFunction:
     source_size_bytes: int
     #: invocations one worker serves before it is replaced (1: single-use)
     reuse: int = 1
+    #: how ``invoke_async`` retries and keeps its invocations (None: a server without it)
+    async_policy: AsyncPolicy | None = None
 
     @classmethod
     def from_proto(cls, msg: pb.Function) -> RemoteFunction:
@@ -321,7 +333,9 @@ class RemoteFunction:
                    preload=tuple(msg.preload), profile=msg.profile,
                    limits=limits_from_proto(msg.limits) or Limits(), created=created,
                    source_format=source_format_from_proto(msg.source_format),
-                   source_size_bytes=msg.source_size_bytes, reuse=max(1, msg.reuse))
+                   source_size_bytes=msg.source_size_bytes, reuse=max(1, msg.reuse),
+                   async_policy=AsyncPolicy.from_dict(policy_fields_from_proto(msg.async_policy))
+                   if msg.HasField("async_policy") else None)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -331,6 +345,7 @@ class RemoteFunction:
             "created": None if self.created is None else self.created.isoformat(),
             "source_format": self.source_format, "source_size_bytes": self.source_size_bytes,
             "reuse": self.reuse,
+            "async_policy": None if self.async_policy is None else self.async_policy.to_dict(),
         }
 
 
@@ -424,7 +439,9 @@ def _many_response(msg: pb.InvokeManyResponse) -> InvocationResult | InvocationR
 
 def _deploy_request(name: str, source: bytes | str | Path, *, handler: str,
                     preload: Sequence[str], limits: Limits | None, source_format: str | None,
-                    reuse: int = 1) -> pb.DeployRequest:
+                    reuse: int = 1,
+                    async_policy: AsyncPolicy | Mapping[str, Any] | None = None
+                    ) -> pb.DeployRequest:
     if isinstance(source, Path):
         if source_format is None:
             source_format = "zip" if source.suffix == ".zip" else None
@@ -440,7 +457,69 @@ def _deploy_request(name: str, source: bytes | str | Path, *, handler: str,
     converted = limits_to_proto(limits)
     if converted is not None:
         msg.limits.CopyFrom(converted)
+    if async_policy is not None:
+        fields = (async_policy.to_dict() if isinstance(async_policy, AsyncPolicy)
+                  else dict(async_policy))
+        AsyncPolicy.from_dict(fields)  # InvalidRequest before the call
+        msg.async_policy.CopyFrom(policy_to_proto(fields))
     return msg
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class AsyncSubmission:
+    """What ``invoke_async`` answers: the invocation's id, its state, and whether an
+    invocation with the same idempotency key already existed (``id`` is then that one's)."""
+
+    id: str
+    state: InvocationState
+    duplicate: bool = False
+
+    @classmethod
+    def from_proto(cls, msg: pb.InvokeAsyncResponse) -> AsyncSubmission:
+        return cls(id=msg.id, state=state_from_proto(msg.state) or InvocationState.QUEUED,
+                   duplicate=msg.duplicate)
+
+
+def _invoke_async_request(function: str, event: Any, *, version: int | None,
+                          limits: Limits | None, content_type: str, payload: bytes | None,
+                          idempotency_key: str | None,
+                          policy: AsyncPolicy | Mapping[str, Any] | None
+                          ) -> pb.InvokeAsyncRequest:
+    msg = pb.InvokeAsyncRequest(
+        invoke=_invoke_request(function, event, version=version, limits=limits, id=None,
+                               content_type=content_type, payload=payload),
+        idempotency_key=idempotency_key or "")
+    if policy is not None:
+        fields = policy.to_dict() if isinstance(policy, AsyncPolicy) else dict(policy)
+        AsyncPolicy.from_dict(fields)  # InvalidRequest before the call
+        msg.policy.CopyFrom(policy_to_proto(fields))
+    return msg
+
+
+def _list_request(function: str | None, state: str | None, page_size: int, page_token: str
+                  ) -> pb.ListInvocationsRequest:
+    try:
+        st = InvocationState(state) if state else None
+    except ValueError:
+        raise InvalidRequest(f"unknown state {state!r}; one of "
+                             f"{[s.value for s in InvocationState]}") from None
+    return pb.ListInvocationsRequest(function=function or "", state=state_to_proto(st),
+                                     page_size=page_size, page_token=page_token)
+
+
+def _queued(msg: pb.AsyncInvocation) -> QueuedInvocation:
+    return invocation_from_proto(msg, decode)
+
+
+@contextlib.contextmanager
+def _invocation_lookup() -> Iterator[None]:
+    """NOT_FOUND of a call naming an invocation id is InvocationNotFound."""
+    try:
+        yield
+    except InvocationNotFound:
+        raise
+    except FunctionNotFound as exc:
+        raise InvocationNotFound(str(exc)) from exc.__cause__
 
 
 def _info(msg: pb.GetInfoResponse) -> dict[str, Any]:
@@ -641,18 +720,21 @@ class Client:
     def deploy(self, name: str, source: bytes | str | Path, *, handler: str = "",
                preload: Sequence[str] = (), limits: Limits | None = None,
                source_format: str | None = None, reuse: int = 1,
-               timeout: float | None = None) -> RemoteFunction:
+               timeout: float | None = None,
+               async_policy: AsyncPolicy | Mapping[str, Any] | None = None) -> RemoteFunction:
         """Deploy ``source`` (Python text, bytes of a ``.py`` or zip, or a path to either).
 
         ``reuse``: invocations one worker serves before it is replaced (1, the default: a fresh
-        process for every invocation).
+        process for every invocation). ``async_policy``: how ``invoke_async`` retries and keeps
+        this version's invocations (an AsyncPolicy, or some of its fields as a dict).
 
         Idempotent: when the latest version of ``name`` is this very deployment already (the
         same source, handler, preload, limits and reuse), the server returns it rather than
         making another; so a deploy cut off by a lost replica is safely retried.
         """
         request = _deploy_request(name, source, handler=handler, preload=preload,
-                                  limits=limits, source_format=source_format, reuse=reuse)
+                                  limits=limits, source_format=source_format, reuse=reuse,
+                                  async_policy=async_policy)
         return RemoteFunction.from_proto(
             self._unary(self.stub.Deploy, request, timeout).function)
 
@@ -748,6 +830,70 @@ class Client:
             raise _translate(exc) from exc
         finally:
             call.cancel()
+
+    # -- asynchronous invocations (sandbox.asyncq) -------------------------------------------
+    def invoke_async(self, function: str, event: Any = None, *, version: int | None = None,
+                     limits: Limits | None = None, content_type: str = MSGPACK,
+                     payload: bytes | None = None, idempotency_key: str | None = None,
+                     policy: AsyncPolicy | Mapping[str, Any] | None = None,
+                     timeout: float | None = None,
+                     metadata: Sequence[tuple[str, str]] = ()) -> AsyncSubmission:
+        """Queue an invocation durably on the server; returns its id at once.
+
+        The server checks what it can now (``FunctionNotFound``, ``InvalidRequest``; a full
+        queue raises ``Overloaded``). With an ``idempotency_key`` the call is retried like an
+        idempotent one (the same key returns the first id: ``duplicate``). ``policy``:
+        overrides of the function's async policy (a dict of fields or an AsyncPolicy).
+        """
+        request = _invoke_async_request(function, event, version=version, limits=limits,
+                                        content_type=content_type, payload=payload,
+                                        idempotency_key=idempotency_key, policy=policy)
+        return AsyncSubmission.from_proto(self._retried(
+            self.stub.InvokeAsync, request, timeout, metadata, idempotency_key is not None))
+
+    def invocation(self, invocation_id: str, *, timeout: float | None = None
+                   ) -> QueuedInvocation:
+        """An asynchronous invocation: state, attempts, result. Raises InvocationNotFound."""
+        with _invocation_lookup():
+            return _queued(self._retried(self.stub.GetInvocation,
+                                         pb.GetInvocationRequest(id=invocation_id), timeout,
+                                         (), True))
+
+    def invocations(self, function: str | None = None, state: str | None = None, *,
+                    page_size: int = 100, page_token: str = "",
+                    timeout: float | None = None) -> tuple[list[QueuedInvocation], str]:
+        """A page of asynchronous invocations (submission order) and the next page's token
+        (empty after the last)."""
+        response = self._retried(self.stub.ListInvocations,
+                                 _list_request(function, state, page_size, page_token),
+                                 timeout, (), True)
+        return [_queued(m) for m in response.invocations], response.next_page_token
+
+    def cancel_invocation(self, invocation_id: str, *, timeout: float | None = None
+                          ) -> QueuedInvocation:
+        """Cancel a QUEUED or RUNNING invocation (it ends CANCELLED)."""
+        with _invocation_lookup():
+            return _queued(self._retried(self.stub.CancelInvocation,
+                                         pb.CancelInvocationRequest(id=invocation_id), timeout,
+                                         (), True))
+
+    def redrive(self, invocation_id: str, *, timeout: float | None = None) -> QueuedInvocation:
+        """Queue a DEAD_LETTERED invocation again, with a fresh attempt budget."""
+        with _invocation_lookup():
+            return _queued(self._unary(self.stub.RedriveInvocation,
+                                       pb.RedriveInvocationRequest(id=invocation_id), timeout))
+
+    def wait_invocation(self, invocation_id: str, timeout: float | None = None, *,
+                        poll_s: float = 0.2) -> QueuedInvocation:
+        """Poll until the invocation is terminal (TimeoutError after ``timeout`` seconds)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            found = self.invocation(invocation_id)
+            if found.done:
+                return found
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(f"invocation {invocation_id} is still {found.state.value}")
+            time.sleep(poll_s)
 
     # -- server ------------------------------------------------------------------------------
     def info(self, *, timeout: float | None = None) -> dict[str, Any]:
@@ -851,9 +997,12 @@ class AsyncClient:
     async def deploy(self, name: str, source: bytes | str | Path, *, handler: str = "",
                      preload: Sequence[str] = (), limits: Limits | None = None,
                      source_format: str | None = None, reuse: int = 1,
-                     timeout: float | None = None) -> RemoteFunction:
+                     timeout: float | None = None,
+                     async_policy: AsyncPolicy | Mapping[str, Any] | None = None
+                     ) -> RemoteFunction:
         request = _deploy_request(name, source, handler=handler, preload=preload,
-                                  limits=limits, source_format=source_format, reuse=reuse)
+                                  limits=limits, source_format=source_format, reuse=reuse,
+                                  async_policy=async_policy)
         response = await self._unary(self.stub.Deploy, request, timeout)
         return RemoteFunction.from_proto(response.function)
 
@@ -943,6 +1092,61 @@ class AsyncClient:
             raise _translate(exc) from exc
         finally:
             call.cancel()
+
+    # -- asynchronous invocations (sandbox.asyncq) -------------------------------------------
+    async def invoke_async(self, function: str, event: Any = None, *,
+                           version: int | None = None, limits: Limits | None = None,
+                           content_type: str = MSGPACK, payload: bytes | None = None,
+                           idempotency_key: str | None = None,
+                           policy: AsyncPolicy | Mapping[str, Any] | None = None,
+                           timeout: float | None = None,
+                           metadata: Sequence[tuple[str, str]] = ()) -> AsyncSubmission:
+        """See :meth:`Client.invoke_async`."""
+        request = _invoke_async_request(function, event, version=version, limits=limits,
+                                        content_type=content_type, payload=payload,
+                                        idempotency_key=idempotency_key, policy=policy)
+        return AsyncSubmission.from_proto(await self._retried(
+            self.stub.InvokeAsync, request, timeout, metadata, idempotency_key is not None))
+
+    async def invocation(self, invocation_id: str, *, timeout: float | None = None
+                         ) -> QueuedInvocation:
+        with _invocation_lookup():
+            return _queued(await self._retried(self.stub.GetInvocation,
+                                               pb.GetInvocationRequest(id=invocation_id),
+                                               timeout, (), True))
+
+    async def invocations(self, function: str | None = None, state: str | None = None, *,
+                          page_size: int = 100, page_token: str = "",
+                          timeout: float | None = None) -> tuple[list[QueuedInvocation], str]:
+        response = await self._retried(self.stub.ListInvocations,
+                                       _list_request(function, state, page_size, page_token),
+                                       timeout, (), True)
+        return [_queued(m) for m in response.invocations], response.next_page_token
+
+    async def cancel_invocation(self, invocation_id: str, *, timeout: float | None = None
+                                ) -> QueuedInvocation:
+        with _invocation_lookup():
+            return _queued(await self._retried(self.stub.CancelInvocation,
+                                               pb.CancelInvocationRequest(id=invocation_id),
+                                               timeout, (), True))
+
+    async def redrive(self, invocation_id: str, *, timeout: float | None = None
+                      ) -> QueuedInvocation:
+        with _invocation_lookup():
+            return _queued(await self._unary(self.stub.RedriveInvocation,
+                                             pb.RedriveInvocationRequest(id=invocation_id),
+                                             timeout))
+
+    async def wait_invocation(self, invocation_id: str, timeout: float | None = None, *,
+                              poll_s: float = 0.2) -> QueuedInvocation:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            found = await self.invocation(invocation_id)
+            if found.done:
+                return found
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(f"invocation {invocation_id} is still {found.state.value}")
+            await asyncio.sleep(poll_s)
 
     async def info(self, *, timeout: float | None = None) -> dict[str, Any]:
         return _info(await self._unary(self.stub.GetInfo, pb.GetInfoRequest(), timeout))

@@ -42,6 +42,15 @@ The metrics (names are the interface):
 ``sandbox_pool_workers{profile,state}``                 gauge        idle, busy, starting
 ``sandbox_queue_depth``                                 gauge        calls waiting for a slot
 ``sandbox_running_invocations``                         gauge        calls running
+``sandbox_async_invocations_total{function,event}``     counter      asynchronous invocations'
+                                                                     events: queued, started,
+                                                                     retried, succeeded, failed,
+                                                                     dead_lettered, cancelled,
+                                                                     redriven, crashed
+``sandbox_async_queued``                                gauge        asynchronous invocations
+                                                                     queued (the whole queue's)
+``sandbox_async_running``                               gauge        asynchronous attempts
+                                                                     running here
 ``grpc_server_started_total{grpc_type,grpc_service,grpc_method}``    RPCs started
 ``grpc_server_handled_total{grpc_type,grpc_service,grpc_method,grpc_code}``  RPCs finished
 ``grpc_server_handling_seconds{grpc_type,grpc_service,grpc_method}``  histogram of their time
@@ -111,13 +120,22 @@ class _RuntimeCollector(Collector):
         for profile, counts in sorted(gauges["pools"].items()):
             for state in WORKER_STATES:
                 workers.add_metric([profile, state], counts.get(state, 0))
-        return [
+        families: list[Metric] = [
             workers,
             GaugeMetricFamily("sandbox_queue_depth", "Invocations waiting for a running slot.",
                               value=gauges["queued"]),
             GaugeMetricFamily("sandbox_running_invocations", "Invocations running now.",
                               value=gauges["running"]),
         ]
+        queue = gauges.get("async")
+        if queue is not None:
+            families.append(GaugeMetricFamily(
+                "sandbox_async_queued", "Asynchronous invocations queued (waiting for an "
+                "attempt or a retry), in the whole queue.", value=queue.get("queued", 0)))
+            families.append(GaugeMetricFamily(
+                "sandbox_async_running", "Asynchronous attempts running on this server.",
+                value=queue.get("running", 0)))
+        return families
 
 
 class Metrics(Observer):
@@ -161,11 +179,16 @@ class Metrics(Observer):
                                       "admission, by reason.", ["reason"], registry=None)
         for reason in REJECTION_REASONS:
             self.rejected_calls.labels(reason)
+        self.async_events = Counter("sandbox_async_invocations", "Events of asynchronous "
+                                    "invocations: queued, started, retried, succeeded, "
+                                    "failed, dead_lettered, cancelled, redriven, crashed.",
+                                    ["function", "event"], registry=None)
         self.grpc = GrpcMetricsInterceptor(registry=None)
         self._collectors: list[Collector] = [
             self.invocations, self.duration, self.queue, self.startup, self.cold_starts,
             self.errors, self.births, self.birth_seconds, self.birth_failures,
-            self.zygote_restarts, self.rejected_calls, *self.grpc.collectors,
+            self.zygote_restarts, self.rejected_calls, self.async_events,
+            *self.grpc.collectors,
             _RuntimeCollector(runtime)]
         registered: list[Collector] = []
         try:
@@ -217,6 +240,9 @@ class Metrics(Observer):
 
     def rejected(self, reason: str, function: str) -> None:
         self.rejected_calls.labels(reason).inc()
+
+    def async_event(self, event: str, function: str) -> None:
+        self.async_events.labels(function, event).inc()
 
     def worker_born(self, profile: str, seconds: float) -> None:
         self.births.labels(profile).inc()

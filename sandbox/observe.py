@@ -115,6 +115,11 @@ class Observer:
     def zygote_started(self, profile: str, pid: int, replacement: bool) -> None:
         """A zygote of ``profile`` is ready; ``replacement``: an earlier one died."""
 
+    def async_event(self, event: str, function: str) -> None:
+        """Something happened to an asynchronous invocation of ``function`` (``event`` from
+        :data:`ASYNC_EVENTS`: queued, started, retried, succeeded, failed, dead_lettered,
+        cancelled, redriven, crashed)."""
+
 
 class Observers(Observer):
     """The runtime's fan-out: each event to every observer, in the order they were added. An
@@ -167,6 +172,16 @@ class Observers(Observer):
     def zygote_started(self, profile: str, pid: int, replacement: bool) -> None:
         self._each("zygote_started", profile, pid, replacement)
 
+    def async_event(self, event: str, function: str) -> None:
+        self._each("async_event", event, function)
+
+
+#: What happens to asynchronous invocations (``sandbox_async_invocations_total{event}``):
+#: queued (accepted), started (an attempt began), retried (an attempt failed; another will
+#: come), succeeded, failed (an outcome the policy does not retry), dead_lettered, cancelled,
+#: redriven, crashed (an attempt's lease expired without an outcome: its supervisor died).
+ASYNC_EVENTS = ("queued", "started", "retried", "succeeded", "failed", "dead_lettered",
+                "cancelled", "redriven", "crashed")
 
 #: Why a call was refused before it was admitted (``sandbox_rejected_total{reason}``).
 REJECTION_REASONS = ("overloaded", "shutting_down", "not_found", "invalid_request")

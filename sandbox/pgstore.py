@@ -224,7 +224,7 @@ class PostgresStore:
     def deploy(self, name: str, source: bytes, *, handler: str = "",
                preload: Sequence[str] = (), limits: Limits | None = None,
                source_format: SourceFormat | None = None, created: float | None = None,
-               reuse: int = 1) -> StoredFunction:
+               reuse: int = 1, async_policy: dict[str, Any] | None = None) -> StoredFunction:
         """Store the bundle (once per digest) and the next version of ``name``.
 
         Raises:
@@ -242,7 +242,7 @@ class PostgresStore:
             name=name, version=0, digest=digest, handler=handler, preload=preload_t,
             limits=limits if limits is not None else Limits(),
             created=time.time() if created is None else created, source_format=fmt,
-            source_size_bytes=len(source), reuse=reuse)
+            source_size_bytes=len(source), reuse=reuse, async_policy=async_policy)
         with self._sync:
             for attempt in range(3):
                 try:

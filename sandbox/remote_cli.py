@@ -1,5 +1,6 @@
 """The gRPC subcommands of the ``sandbox`` command line: ``serve``, ``deploy``, ``invoke``,
-``functions`` and ``info``.
+``functions``, ``info``, and for asynchronous invocations ``invoke --async``, ``invocations``
+and ``invocation ID`` (``--cancel``, ``--redrive``, ``--wait``).
 
 :func:`add_subcommands` adds them to an argparse subparsers object (``sandbox.cli`` does);
 each sets ``func=handler(args) -> int`` (the exit status). The client commands take
@@ -139,7 +140,10 @@ def _serve(args: argparse.Namespace) -> int:
             max_message_bytes=args.max_message_size, ready=ready, isolation=args.isolation,
             security=security, metrics_listen=args.metrics_listen,
             metrics_ready=metrics_ready, node_name=args.node_name, store_url=args.store,
-            health_listen=args.health_listen))
+            health_listen=args.health_listen,
+            async_concurrency=args.async_workers, async_max_queued=args.async_max_queue,
+            async_max_queued_per_function=args.async_max_queue_per_function,
+            async_lease_s=args.async_lease))
     except SandboxError as exc:
         return _fail(exc)
     return 0
@@ -169,7 +173,8 @@ def _deploy(args: argparse.Namespace) -> int:
         preload = [m.strip() for item in args.preload for m in item.split(",") if m.strip()]
         with _client(args) as client:
             fn = client.deploy(args.name, Path(args.source), handler=args.handler,
-                               preload=preload, limits=limits, reuse=args.reuse)
+                               preload=preload, limits=limits, reuse=args.reuse,
+                               async_policy=parse_policy(args.async_policy))
     except (SandboxError, ValueError, OSError) as exc:
         return _fail(exc)
     _print_json(fn.to_dict())
@@ -192,6 +197,8 @@ def _read_event(args: argparse.Namespace) -> Any:
 
 
 def _invoke(args: argparse.Namespace) -> int:
+    if args.async_:
+        return _invoke_async(args)
     try:
         if args.stream and args.idempotent:
             raise ValueError("--idempotent applies to unary calls, not to --stream")
@@ -211,6 +218,95 @@ def _invoke(args: argparse.Namespace) -> int:
         return _fail(exc)
     _print_json(result.to_dict())
     return 0 if result.ok else 1
+
+
+def parse_policy(items: Sequence[str] | None) -> dict[str, Any] | None:
+    """``["max_retries=0", "retry_on=TIMEOUT,CRASHED"]`` as the fields of an async policy
+    (checked); None if there are no items.
+
+    Raises:
+        ValueError: an unknown field or a bad value, named in the message.
+    """
+    if not items:
+        return None
+    from sandbox.asyncq import AsyncPolicy
+
+    fields: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        key, text = key.strip(), text.strip()
+        if not sep:
+            raise ValueError(f"--async-policy {item!r}: expected FIELD=VALUE")
+        try:
+            if key == "retry_on":
+                fields[key] = [o.strip().upper() for o in text.split(",") if o.strip()]
+            elif key == "max_retries":
+                fields[key] = int(text)
+            else:
+                fields[key] = float(text)
+        except ValueError as exc:
+            raise ValueError(f"--async-policy {item!r}: {exc}") from None
+    AsyncPolicy.from_dict(fields)  # InvalidRequest (a ValueError) names what is wrong
+    return fields
+
+
+def _invoke_async(args: argparse.Namespace) -> int:
+    try:
+        if args.stream or args.id:
+            raise ValueError("--async makes its own id and has no stream: drop --stream/--id")
+        event = _read_event(args)
+        limits = parse_limits(args.limit)
+        policy = parse_policy(args.async_policy)
+        with _client(args) as client:
+            queued = client.invoke_async(args.function, event, version=args.version,
+                                         limits=limits, idempotency_key=args.idempotency_key,
+                                         policy=policy)
+            if args.wait is None:
+                _print_json({"id": queued.id, "state": queued.state.value,
+                             "duplicate": queued.duplicate})
+                return 0
+            found = client.wait_invocation(queued.id, args.wait)
+    except (SandboxError, ValueError, OSError, TimeoutError) as exc:
+        return _fail(exc)
+    _print_json(found.to_dict())
+    return 0 if found.state.value == "SUCCEEDED" else 1
+
+
+def _invocations(args: argparse.Namespace) -> int:
+    try:
+        with _client(args) as client:
+            items, token = client.invocations(args.function, args.state,
+                                              page_size=args.page_size,
+                                              page_token=args.page_token)
+    except SandboxError as exc:
+        return _fail(exc)
+    _print_json({"invocations": [_summary(i) for i in items], "next_page_token": token})
+    return 0
+
+
+def _summary(inv: Any) -> dict[str, Any]:
+    last = inv.attempts[-1] if inv.attempts else None
+    return {"id": inv.id, "function": inv.function, "version": inv.version,
+            "state": inv.state.value, "attempts": len(inv.attempts),
+            "last_outcome": None if last is None or last.outcome is None
+            else last.outcome.value, "reason": inv.reason, "created": inv.created}
+
+
+def _invocation(args: argparse.Namespace) -> int:
+    try:
+        with _client(args) as client:
+            if args.cancel:
+                found = client.cancel_invocation(args.id)
+            elif args.redrive:
+                found = client.redrive(args.id)
+            elif args.wait is not None:
+                found = client.wait_invocation(args.id, args.wait)
+            else:
+                found = client.invocation(args.id)
+    except (SandboxError, TimeoutError) as exc:
+        return _fail(exc)
+    _print_json(found.to_dict())
+    return 0
 
 
 def _functions(args: argparse.Namespace) -> int:
@@ -272,8 +368,8 @@ def _add_limit(parser: argparse.ArgumentParser, flag: str = "--limit", what: str
 
 
 def add_subcommands(subparsers: Any) -> None:
-    """Add ``serve``, ``deploy``, ``invoke``, ``functions`` and ``info`` to ``subparsers``
-    (from ``ArgumentParser.add_subparsers()``)."""
+    """Add ``serve``, ``deploy``, ``invoke``, ``functions``, ``info``, ``invocations`` and
+    ``invocation`` to ``subparsers`` (from ``ArgumentParser.add_subparsers()``)."""
     p = subparsers.add_parser("serve", help="run the gRPC server",
                               description="Run the gRPC server until SIGTERM/SIGINT, then "
                                           "drain.")
@@ -345,6 +441,18 @@ def add_subcommands(subparsers: Any) -> None:
                    help="this server's name in a fleet, reported by GetInfo, in every "
                         "result's stats.node and in the access log (default: "
                         "$SANDBOX_NODE_NAME, else hostname:port)")
+    p.add_argument("--async-workers", type=int, default=None, metavar="N",
+                   help="asynchronous attempts running at once (default: half of --workers), "
+                        "so synchronous calls keep the rest")
+    p.add_argument("--async-max-queue", type=int, default=100_000, metavar="N",
+                   help="asynchronous invocations queued or running before InvokeAsync fails "
+                        "RESOURCE_EXHAUSTED (default: %(default)s)")
+    p.add_argument("--async-max-queue-per-function", type=int, default=10_000, metavar="N",
+                   help="the same, per function (default: %(default)s)")
+    p.add_argument("--async-lease", type=float, default=30.0, metavar="SECONDS",
+                   help="an asynchronous attempt's lease, renewed every third of it while it "
+                        "runs: a replica that dies mid-attempt has it retried this long after "
+                        "(default: %(default)s)")
     p.set_defaults(func=_serve)
 
     p = subparsers.add_parser("deploy", help="deploy a function to a server")
@@ -360,6 +468,11 @@ def add_subcommands(subparsers: Any) -> None:
                         "fresh process for every invocation)")
     _add_limit(p, what="default ")
     _add_target(p)
+    p.add_argument("--async-policy", action="append", default=[], metavar="FIELD=VALUE",
+                   help="the async policy: max_retries (default 2), max_event_age_s (21600), "
+                        "retry_on (outcomes, comma-separated; default all but OK and "
+                        "CANCELLED), backoff_initial_s, backoff_multiplier, backoff_max_s, "
+                        "jitter, retention_s (86400) (repeatable)")
     p.set_defaults(func=_deploy)
 
     p = subparsers.add_parser("invoke", help="invoke a deployed function; print its result")
@@ -378,6 +491,17 @@ def add_subcommands(subparsers: Any) -> None:
                         "retried: nothing ran); not with --stream")
     _add_limit(p)
     _add_target(p)
+    p.add_argument("--async", dest="async_", action="store_true",
+                   help="queue the invocation durably and print its id at once (see "
+                        "`sandbox invocation ID`); retried and dead-lettered as the function's "
+                        "async policy says")
+    p.add_argument("--idempotency-key", default=None, metavar="KEY",
+                   help="with --async: the same key returns the first invocation's id")
+    p.add_argument("--async-policy", action="append", default=[], metavar="FIELD=VALUE",
+                   help="with --async: override a field of the function's async policy, e.g. "
+                        "max_retries=0 (repeatable)")
+    p.add_argument("--wait", type=float, default=None, metavar="SECONDS",
+                   help="with --async: wait until it is terminal and print it")
     p.set_defaults(func=_invoke)
 
     p = subparsers.add_parser("functions", help="list (or show, or delete) deployed functions")
@@ -392,6 +516,30 @@ def add_subcommands(subparsers: Any) -> None:
     p = subparsers.add_parser("info", help="server version, profiles, pools, isolation")
     _add_target(p)
     p.set_defaults(func=_info)
+
+    p = subparsers.add_parser("invocations", help="list asynchronous invocations")
+    p.add_argument("--function", default=None, help="only this function's")
+    p.add_argument("--state", default=None, type=str.upper,
+                   choices=["QUEUED", "RUNNING", "SUCCEEDED", "FAILED", "DEAD_LETTERED",
+                            "CANCELLED"], help="only those in this state")
+    p.add_argument("--page-size", type=int, default=100, metavar="N")
+    p.add_argument("--page-token", default="", metavar="TOKEN",
+                   help="next_page_token of the previous page")
+    _add_target(p)
+    p.set_defaults(func=_invocations)
+
+    p = subparsers.add_parser("invocation", help="show (or cancel, or redrive) one "
+                                                 "asynchronous invocation")
+    p.add_argument("id")
+    action = p.add_mutually_exclusive_group()
+    action.add_argument("--cancel", action="store_true",
+                        help="cancel it (QUEUED or RUNNING: it ends CANCELLED)")
+    action.add_argument("--redrive", action="store_true",
+                        help="queue a DEAD_LETTERED invocation again, with a fresh budget")
+    action.add_argument("--wait", type=float, default=None, metavar="SECONDS",
+                        help="wait until it is terminal")
+    _add_target(p)
+    p.set_defaults(func=_invocation)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

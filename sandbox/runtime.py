@@ -34,6 +34,7 @@ import dataclasses
 import itertools
 import json
 import os
+import socket
 import threading
 import time
 import uuid
@@ -46,6 +47,15 @@ import msgpack
 from sandbox import __version__, protocol
 from sandbox._logging import get_logger
 from sandbox.admission import Admission, Ticket
+from sandbox.asyncq import (
+    AsyncPolicy,
+    Dispatcher,
+    InvocationState,
+    NewInvocation,
+    QueuedInvocation,
+    SqlQueue,
+    new_id,
+)
 from sandbox.errors import (
     ConfigurationError,
     InvalidRequest,
@@ -140,6 +150,20 @@ class AsyncRuntime:
             birth is replaced rather than kept.
         hide: directories no worker may see even if they are under an exposed one (the bundle
             directory always is; a server adds its state directory).
+        state_dir: where asynchronous invocations persist (a SQLite queue, ``async.sqlite3``):
+            it enables :meth:`invoke_async` and its companions. Hidden from workers.
+        async_queue: the queue of asynchronous invocations itself (a server's: SQLite in its
+            state directory, or PostgreSQL for a fleet), instead of ``state_dir``'s.
+        async_concurrency: asynchronous attempts running at once (default: half of
+            ``max_concurrency``, at least 1), so synchronous calls always keep slots.
+        async_max_queued, async_max_queued_per_function: asynchronous invocations queued or
+            running, overall and per function, before ``invoke_async`` raises
+            :class:`Overloaded` (for ``state_dir``'s queue).
+        async_lease_s: how long an attempt's lease lasts without renewal (renewed every third
+            of it while the attempt runs); a supervisor that dies mid-attempt has it retried
+            this long after.
+        node: this runtime's name, recorded with each asynchronous attempt (default: the
+            host's name).
 
     Use it as ``async with AsyncRuntime(...) as rt:`` or call :meth:`start` and
     :meth:`aclose`.
@@ -162,6 +186,13 @@ class AsyncRuntime:
         gc_freeze: bool = True,
         recycle_rss_growth_bytes: int = 64 * 1024 * 1024,
         hide: Sequence[str | os.PathLike[str]] = (),
+        state_dir: str | os.PathLike[str] | None = None,
+        async_queue: SqlQueue | None = None,
+        async_concurrency: int | None = None,
+        async_max_queued: int = 100_000,
+        async_max_queued_per_function: int = 10_000,
+        async_lease_s: float = 30.0,
+        node: str | None = None,
     ) -> None:
         if not isinstance(limits, Limits):
             raise ConfigurationError("limits must be a sandbox.Limits")
@@ -195,6 +226,29 @@ class AsyncRuntime:
         self.max_concurrency = max_concurrency
         self.max_queue = max_queue
         #: the machine-level setup: bundle dir, cgroups, isolation configuration
+        if async_queue is None and state_dir is not None:
+            from sandbox.asyncq_sqlite import SqliteQueue
+
+            async_queue = SqliteQueue(state_dir, max_queued=async_max_queued,
+                                      max_queued_per_function=async_max_queued_per_function)
+            hide = [*hide, str(async_queue.root)]
+        if async_concurrency is None:
+            async_concurrency = max(1, max_concurrency // 2)
+        if isinstance(async_concurrency, bool) or not isinstance(async_concurrency, int) \
+                or not 1 <= async_concurrency <= max_concurrency:
+            raise ConfigurationError(f"async_concurrency must be an int in [1, max_concurrency "
+                                     f"({max_concurrency})], got {async_concurrency!r}")
+        if isinstance(async_lease_s, bool) or not isinstance(async_lease_s, int | float) \
+                or not async_lease_s > 0:
+            raise ConfigurationError(f"async_lease_s must be a number > 0, got {async_lease_s!r}")
+        #: the durable queue of asynchronous invocations (None: invoke_async is unavailable)
+        self._async_queue = async_queue
+        self.async_concurrency = async_concurrency
+        self.async_lease_s = float(async_lease_s)
+        self._dispatcher: Dispatcher | None = None
+        #: each function version's async policy, when it was given one
+        self._async_policies: dict[tuple[str, int], AsyncPolicy] = {}
+        self.node = node or socket.gethostname()
         self._host = Host(isolation=isolation, cgroups=cgroups, bundle_dir=bundle_dir,
                           hide=hide)
         self._isolation_report: dict[str, Any] | None = None
@@ -240,6 +294,13 @@ class AsyncRuntime:
             cfg = self._host.isolation
             self._slots_alloc = SlotAllocator(cfg.id_count if cfg is not None else 65536)
             await asyncio.gather(*(self._start_pool(name) for name in self._profiles))
+            queue = self._async_queue
+            if queue is not None:
+                await asyncio.to_thread(queue.open)
+                self._dispatcher = Dispatcher(self, queue, concurrency=self.async_concurrency,
+                                              owner=self.instance, node=self.node,
+                                              lease_s=self.async_lease_s)
+                await self._dispatcher.start()
         except BaseException:
             await self.aclose(grace_s=0)
             raise
@@ -305,6 +366,10 @@ class AsyncRuntime:
         if self._closed:
             return
         self._closing = True
+        if self._dispatcher is not None:
+            # Running asynchronous attempts get the grace period too; those cut short go back
+            # to the queue without counting against their budget.
+            await self._dispatcher.stop(grace_s)
         finished = [t.finished for t in self._admission.inflight]
         if finished and grace_s > 0:
             await asyncio.wait(finished, timeout=grace_s)
@@ -317,6 +382,8 @@ class AsyncRuntime:
             await asyncio.wait(finished, timeout=30)
         await asyncio.gather(*(pool.close() for pool in self._pools.values()),
                              return_exceptions=True)
+        if self._async_queue is not None:
+            await asyncio.to_thread(self._async_queue.shutdown)
         self._host.close()
         self._closed = True
 
@@ -343,11 +410,14 @@ class AsyncRuntime:
     def gauges(self) -> dict[str, Any]:
         """Calls queued and running, and each pool's workers by state (``idle``, ``busy``,
         ``starting``). Reads counters only, so any thread may call it (a metrics scrape)."""
-        return {
+        gauges: dict[str, Any] = {
             "queued": self._admission.queued,
             "running": self._admission.running,
             "pools": {name: pool.counts() for name, pool in list(self._pools.items())},
         }
+        if self._dispatcher is not None:
+            gauges["async"] = self._dispatcher.gauges()
+        return gauges
 
     # functions ----------------------------------------------------------------------------------
     def register(
@@ -363,6 +433,7 @@ class AsyncRuntime:
         reuse: int = 1,
         version: int | None = None,
         digest: str | None = None,
+        async_policy: AsyncPolicy | Mapping[str, Any] | None = None,
     ) -> FunctionInfo:
         """Register a function; registering a name again makes a new version.
 
@@ -377,13 +448,21 @@ class AsyncRuntime:
             reuse: invocations one worker may serve before it is replaced (1: a fresh process
                 for every invocation). A reused worker is recycled on any failure.
             version: register under this version number (used when reloading a store).
+            async_policy: how :meth:`invoke_async` retries and keeps this version's
+                invocations (an :class:`~sandbox.asyncq.AsyncPolicy` or its fields as a dict;
+                default ``AsyncPolicy()``).
 
         Raises:
             ConfigurationError: bad name, handler, path, profile or limits.
+            InvalidRequest: a bad async policy.
         """
-        return self._registry.register(name, source=source, path=path, ref=ref,
+        policy = _policy(async_policy)
+        info = self._registry.register(name, source=source, path=path, ref=ref,
                                        handler=handler, profile=profile, limits=limits,
                                        reuse=reuse, version=version, digest=digest)
+        if policy is not None:
+            self._async_policies[(info.name, info.version)] = policy
+        return info
 
     def unregister(self, name: str, version: int | None = None) -> None:
         """Forget a function (every version, or one); workers kept for it are let go.
@@ -392,6 +471,7 @@ class AsyncRuntime:
             FunctionNotFound: no such function or version.
         """
         for fn in self._registry.unregister(name, version):
+            self._async_policies.pop((fn.name, fn.version), None)
             pool = self._pools.get(fn.profile)
             if pool is not None:
                 pool.forget(fn.key)
@@ -749,6 +829,160 @@ class AsyncRuntime:
         await asyncio.wait_for(pool.wait_idle(
             lambda n: n >= at_least and (at_most is None or n <= at_most)), timeout)
 
+    # asynchronous invocations -------------------------------------------------------------------
+    def set_node(self, node: str) -> None:
+        """Name this runtime (a server's ``--node-name``): recorded with each asynchronous
+        attempt and its result's ``stats.node``."""
+        self.node = node
+        if self._dispatcher is not None:
+            self._dispatcher.node = node
+
+    def _queue(self) -> tuple[SqlQueue, Dispatcher]:
+        if self._closing or not self._started:
+            raise ShuttingDown("the runtime is closed" if self._closing
+                               else "the runtime is not started")
+        if self._async_queue is None or self._dispatcher is None:
+            raise ConfigurationError("asynchronous invocations need a queue: give the runtime "
+                                     "state_dir= (or a server its state directory)")
+        return self._async_queue, self._dispatcher
+
+    def async_policy(self, name: str, version: int | None = None) -> AsyncPolicy:
+        """The async policy of a function version (the default one when it was given none).
+
+        Raises:
+            FunctionNotFound: no such function or version.
+        """
+        fn = self.function(name, version)
+        return self._async_policies.get((fn.name, fn.version), AsyncPolicy())
+
+    async def invoke_async(
+        self,
+        name: str,
+        event: Any = None,
+        *,
+        version: int | None = None,
+        limits: Limits | None = None,
+        payload: bytes | None = None,
+        content_type: str = MSGPACK,
+        idempotency_key: str | None = None,
+        policy: AsyncPolicy | Mapping[str, Any] | None = None,
+    ) -> QueuedInvocation:
+        """Queue an invocation durably and return at once (its ``id``, state QUEUED).
+
+        Everything that can be checked now is checked now (the function and version exist,
+        the event encodes, the payload decodes, the limits are valid), so an accepted
+        invocation never fails for a reason its caller could have been told. It then runs at
+        least once: see :mod:`sandbox.asyncq` (retries, dead letters, results by id).
+
+        Args:
+            version: pinned now (the latest when None).
+            idempotency_key: the same key (for the same function) while the first invocation
+                is kept returns that invocation (``duplicate=True``) instead of queueing again.
+            policy: overrides of the function's async policy for this invocation (a dict of
+                fields, or a whole :class:`~sandbox.asyncq.AsyncPolicy`).
+
+        Raises:
+            FunctionNotFound, InvalidRequest: problems of the call.
+            Overloaded: the queue is full (overall, or of this function).
+            ConfigurationError: this runtime has no queue (no ``state_dir``).
+        """
+        queue, dispatcher = self._queue()
+        try:
+            fn, data, _ = self._prepare(name, event, version, limits, payload, content_type)
+            if idempotency_key is not None and (
+                    not isinstance(idempotency_key, str) or not 1 <= len(idempotency_key) <= 256
+                    or not idempotency_key.isprintable()):
+                raise InvalidRequest("idempotency_key must be 1 to 256 printable characters")
+            base = self._async_policies.get((fn.name, fn.version), AsyncPolicy())
+            if isinstance(policy, AsyncPolicy):
+                base = policy
+            elif policy is not None:
+                base = base.replace(**dict(policy))
+            item = NewInvocation(id=new_id(), function=fn.name, version=fn.version,
+                                 payload=data, content_type=content_type, limits=limits,
+                                 policy=base, idempotency_key=idempotency_key or None)
+            queued, events = await queue.run(queue.submit, item, time.time())
+        except SandboxError as exc:
+            if self._observers:
+                self._observers.rejected(rejection_reason(exc), name)
+            raise
+        dispatcher.record(events)
+        if events:
+            dispatcher.wake()
+        result: QueuedInvocation = queued
+        return result
+
+    async def invocation(self, invocation_id: str) -> QueuedInvocation:
+        """An asynchronous invocation: state, attempts, result.
+
+        Raises:
+            InvocationNotFound: no such id (or purged after its retention).
+        """
+        queue, _ = self._queue()
+        found: QueuedInvocation = await queue.run(queue.get, invocation_id)
+        return found
+
+    async def invocations(self, function: str | None = None,
+                          state: InvocationState | str | None = None, *, page_size: int = 100,
+                          page_token: str = "") -> tuple[list[QueuedInvocation], str]:
+        """Asynchronous invocations in submission order, optionally of one function and in
+        one state: a page, and the token of the next page (empty after the last)."""
+        queue, _ = self._queue()
+        try:
+            st = InvocationState(state) if state else None
+        except ValueError:
+            raise InvalidRequest(f"unknown state {state!r}; one of "
+                                 f"{[s.value for s in InvocationState]}") from None
+        page: tuple[list[QueuedInvocation], str] = await queue.run(
+            queue.page, function or None, st, page_size, page_token)
+        return page
+
+    async def cancel_invocation(self, invocation_id: str) -> QueuedInvocation:
+        """Cancel a QUEUED or RUNNING asynchronous invocation (a running attempt's worker is
+        killed): it ends CANCELLED. A terminal one is returned as it is.
+
+        Raises:
+            InvocationNotFound.
+        """
+        queue, dispatcher = self._queue()
+        found, events = await queue.run(queue.cancel, invocation_id, time.time())
+        dispatcher.record(events)
+        dispatcher.cancelled(invocation_id)
+        result: QueuedInvocation = found
+        return result
+
+    async def redrive_invocation(self, invocation_id: str) -> QueuedInvocation:
+        """Put a DEAD_LETTERED invocation back in the queue with a fresh attempt budget (its
+        earlier attempts stay in its history).
+
+        Raises:
+            InvocationNotFound; InvalidRequest when it is not DEAD_LETTERED.
+        """
+        queue, dispatcher = self._queue()
+        found, events = await queue.run(queue.redrive, invocation_id, time.time())
+        dispatcher.record(events)
+        dispatcher.wake()
+        result: QueuedInvocation = found
+        return result
+
+    async def wait_invocation(self, invocation_id: str, timeout: float | None = None
+                              ) -> QueuedInvocation:
+        """Wait until an asynchronous invocation is terminal; returns it.
+
+        Raises:
+            InvocationNotFound; TimeoutError after ``timeout`` seconds.
+        """
+        _, dispatcher = self._queue()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            found = await self.invocation(invocation_id)
+            if found.done:
+                return found
+            left = 0.5 if deadline is None else min(0.5, deadline - time.monotonic())
+            if left <= 0:
+                raise TimeoutError(f"invocation {invocation_id} is still {found.state.value}")
+            await dispatcher.wait_local(invocation_id, left)
+
     # introspection ------------------------------------------------------------------------------
     def info(self) -> dict[str, Any]:
         """Version, profiles, pool sizes, queue, and the isolation in force."""
@@ -823,6 +1057,14 @@ class AsyncRuntime:
             "landlock_abi": report.get("landlock_abi") if report is not None else None,
             "layers": layers,
         }
+
+
+def _policy(value: AsyncPolicy | Mapping[str, Any] | None) -> AsyncPolicy | None:
+    if value is None or isinstance(value, AsyncPolicy):
+        return value
+    if isinstance(value, Mapping):
+        return AsyncPolicy.from_dict(value)
+    raise InvalidRequest("async_policy must be a sandbox.AsyncPolicy or a dict of its fields")
 
 
 def _validate_payload(data: bytes, content_type: str) -> None:
@@ -1182,6 +1424,39 @@ class Runtime:
     def info(self) -> dict[str, Any]:
         data: dict[str, Any] = self._in_loop(self._rt.info)
         return data
+
+    def invoke_async(self, name: str, event: Any = None, **kwargs: Any) -> QueuedInvocation:
+        """See :meth:`AsyncRuntime.invoke_async`: queue durably, return at once."""
+        queued: QueuedInvocation = self._call(self._rt.invoke_async(name, event, **kwargs))
+        return queued
+
+    def invocation(self, invocation_id: str) -> QueuedInvocation:
+        """See :meth:`AsyncRuntime.invocation`."""
+        found: QueuedInvocation = self._call(self._rt.invocation(invocation_id))
+        return found
+
+    def invocations(self, function: str | None = None, state: InvocationState | str | None = None,
+                    **kwargs: Any) -> tuple[list[QueuedInvocation], str]:
+        """See :meth:`AsyncRuntime.invocations`."""
+        page: tuple[list[QueuedInvocation], str] = self._call(
+            self._rt.invocations(function, state, **kwargs))
+        return page
+
+    def cancel_invocation(self, invocation_id: str) -> QueuedInvocation:
+        """See :meth:`AsyncRuntime.cancel_invocation`."""
+        found: QueuedInvocation = self._call(self._rt.cancel_invocation(invocation_id))
+        return found
+
+    def redrive_invocation(self, invocation_id: str) -> QueuedInvocation:
+        """See :meth:`AsyncRuntime.redrive_invocation`."""
+        found: QueuedInvocation = self._call(self._rt.redrive_invocation(invocation_id))
+        return found
+
+    def wait_invocation(self, invocation_id: str, timeout: float | None = None
+                        ) -> QueuedInvocation:
+        """See :meth:`AsyncRuntime.wait_invocation`."""
+        found: QueuedInvocation = self._call(self._rt.wait_invocation(invocation_id, timeout))
+        return found
 
     def wait_warm(self, timeout: float | None = 60.0) -> None:
         """See :meth:`AsyncRuntime.wait_warm`."""

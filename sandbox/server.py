@@ -13,6 +13,9 @@
 - The client's deadline becomes the invocation's ``deadline`` (capping its wall timeout); a
   cancelled or disconnected call cancels the handler task, and cancelling the runtime call kills
   the worker.
+- Asynchronous invocations (``InvokeAsync``, ``GetInvocation``, ``ListInvocations``,
+  ``CancelInvocation``, ``RedriveInvocation``) are the runtime's (:mod:`sandbox.asyncq`); the
+  queue is SQLite in the state directory, or the fleet's PostgreSQL beside its store.
 - :func:`create_server` builds a ``grpc.aio`` server around a started runtime (tests bind port 0).
 - :func:`serve` is ``sandbox serve``: the runtime (and its zygotes) start before any gRPC
   object exists; deployed functions are reloaded from the state directory; SIGTERM or SIGINT
@@ -51,6 +54,14 @@ from grpc_reflection.v1alpha import reflection
 from sandbox._logging import get_logger
 from sandbox._proto.sandbox.v1 import sandbox_pb2 as pb
 from sandbox._proto.sandbox.v1 import sandbox_pb2_grpc as pb_grpc
+from sandbox.asyncq import AsyncPolicy, open_queue
+from sandbox.asyncq_wire import (
+    invocation_to_proto,
+    policy_fields_from_proto,
+    policy_to_proto,
+    state_from_proto,
+    state_to_proto,
+)
 from sandbox.errors import (
     ConfigurationError,
     FunctionNotFound,
@@ -232,6 +243,7 @@ class SandboxServicer(pb_grpc.SandboxServicer):
             if request.source_format and fmt is None:
                 raise InvalidRequest(f"unknown source_format {request.source_format}")
             limits = limits_from_proto(request.limits, request.HasField("limits"))
+            async_policy = _deploy_async_policy(request)
             modules = sorted(set(request.preload))
             async with self._deploy_lock:  # one deployment at a time keeps store and runtime
                 # in step (a new profile's zygote must start before the function is stored)
@@ -244,7 +256,7 @@ class SandboxServicer(pb_grpc.SandboxServicer):
                 stored = await asyncio.to_thread(
                     self.store.deploy, request.name, request.source, handler=request.handler,
                     preload=list(request.preload), limits=limits,
-                    source_format=fmt, reuse=request.reuse)
+                    source_format=fmt, reuse=request.reuse, async_policy=async_policy)
                 try:
                     info = self._register(stored)
                 except BaseException:
@@ -366,6 +378,48 @@ class SandboxServicer(pb_grpc.SandboxServicer):
                     getattr(msg, field).CopyFrom(converted)
             return msg
 
+    # -- asynchronous invocations (sandbox.asyncq) ---------------------------------------------
+    async def InvokeAsync(self, request: pb.InvokeAsyncRequest,
+                          context: grpc.aio.ServicerContext) -> pb.InvokeAsyncResponse:
+        async with self._call(context):
+            invoke = request.invoke
+            if invoke.id:
+                raise InvalidRequest("InvokeAsync makes the invocation's id: leave invoke.id "
+                                     "empty")
+            kwargs = _invoke_kwargs(invoke, None)
+            queued = await self.runtime.invoke_async(
+                invoke.function, version=kwargs["version"], limits=kwargs["limits"],
+                payload=kwargs["payload"], content_type=kwargs["content_type"],
+                idempotency_key=request.idempotency_key or None,
+                policy=policy_fields_from_proto(request.policy)
+                if request.HasField("policy") else None)
+            return pb.InvokeAsyncResponse(id=queued.id, state=state_to_proto(queued.state),
+                                          duplicate=queued.duplicate)
+
+    async def GetInvocation(self, request: pb.GetInvocationRequest,
+                            context: grpc.aio.ServicerContext) -> pb.AsyncInvocation:
+        async with self._call(context):
+            return invocation_to_proto(await self.runtime.invocation(request.id))
+
+    async def ListInvocations(self, request: pb.ListInvocationsRequest,
+                              context: grpc.aio.ServicerContext) -> pb.ListInvocationsResponse:
+        async with self._call(context):
+            items, token = await self.runtime.invocations(
+                request.function or None, state_from_proto(request.state),
+                page_size=request.page_size or 100, page_token=request.page_token)
+            return pb.ListInvocationsResponse(invocations=[invocation_to_proto(i) for i in items],
+                                              next_page_token=token)
+
+    async def CancelInvocation(self, request: pb.CancelInvocationRequest,
+                               context: grpc.aio.ServicerContext) -> pb.AsyncInvocation:
+        async with self._call(context):
+            return invocation_to_proto(await self.runtime.cancel_invocation(request.id))
+
+    async def RedriveInvocation(self, request: pb.RedriveInvocationRequest,
+                                context: grpc.aio.ServicerContext) -> pb.AsyncInvocation:
+        async with self._call(context):
+            return invocation_to_proto(await self.runtime.redrive_invocation(request.id))
+
     # -- helpers -----------------------------------------------------------------------------
     async def load_store(self) -> None:
         """Register every stored function version with the runtime (at start), then follow
@@ -428,7 +482,7 @@ class SandboxServicer(pb_grpc.SandboxServicer):
         return self.runtime.register(
             stored.name, path=self.store.bundle_path(stored), handler=stored.runtime_handler,
             profile=stored.profile, limits=stored.limits, reuse=stored.reuse,
-            version=stored.version, digest=stored.digest)
+            version=stored.version, digest=stored.digest, async_policy=stored.async_policy)
 
     def _function(self, info: FunctionInfo) -> pb.Function:
         stored = None
@@ -436,7 +490,10 @@ class SandboxServicer(pb_grpc.SandboxServicer):
             with contextlib.suppress(FunctionNotFound):
                 stored = self.store.get(info.name, info.version)
         modules = self.runtime.info().get("profiles", {}).get(info.profile, [])
-        return _function_to_proto(info, stored, modules)
+        msg = _function_to_proto(info, stored, modules)
+        msg.async_policy.CopyFrom(policy_to_proto(self.runtime.async_policy(info.name,
+                                                                            info.version)))
+        return msg
 
 
 class _InvokeMany:
@@ -543,6 +600,15 @@ class _InvokeMany:
             error=pb.InvokeError(id=ident, code=code.value[0], message=details)))
 
 
+def _deploy_async_policy(request: pb.DeployRequest) -> dict[str, Any] | None:
+    """The fields of the deployment's async policy (checked), or None when it gave none."""
+    if not request.HasField("async_policy"):
+        return None
+    fields = policy_fields_from_proto(request.async_policy)
+    AsyncPolicy.from_dict(fields)  # InvalidRequest
+    return fields
+
+
 def _latest_if_same(store: Store, request: pb.DeployRequest, fmt: SourceFormat | None,
                     limits: Limits | None) -> StoredFunction | None:
     """The latest version of ``request.name`` when it is already exactly this deployment (the
@@ -562,7 +628,8 @@ def _latest_if_same(store: Store, request: pb.DeployRequest, fmt: SourceFormat |
     same = (latest.source_format == source_format and latest.handler == handler
             and latest.preload == tuple(dict.fromkeys(request.preload))
             and latest.limits == (limits if limits is not None else Limits())
-            and latest.reuse == max(1, request.reuse))
+            and latest.reuse == max(1, request.reuse)
+            and latest.async_policy == _deploy_async_policy(request))
     return latest if same else None
 
 
@@ -759,6 +826,10 @@ async def serve(
     metrics_ready: Callable[[str], None] | None = None,
     node_name: str | None = None,
     store_url: str | None = None,
+    async_concurrency: int | None = None,
+    async_max_queued: int = 100_000,
+    async_max_queued_per_function: int = 10_000,
+    async_lease_s: float = 30.0,
     health_listen: str | None = None,
 ) -> None:
     """Run ``sandbox serve`` until SIGTERM/SIGINT (or ``stop`` is set), then drain.
@@ -771,8 +842,13 @@ async def serve(
     this server in a fleet (GetInfo, every result's ``stats.node``, the access log); default
     ``hostname:port``. ``store_url``: a ``postgresql://`` URL makes the function store a fleet's
     shared one (:mod:`sandbox.pgstore`), mirrored in ``state_dir``; None keeps functions in
-    ``state_dir`` alone. ``health_listen``: also serve the health service alone, in
-    plaintext, there (for probes that speak no TLS, such as Kubernetes' native gRPC probes).
+    ``state_dir`` alone. Asynchronous invocations queue beside the functions (SQLite in
+    ``state_dir``, or the fleet's PostgreSQL): ``async_concurrency`` attempts at once (default
+    half of ``max_concurrency``), at most ``async_max_queued`` queued or running (and
+    ``async_max_queued_per_function`` per function) before RESOURCE_EXHAUSTED; an attempt's
+    lease lasts ``async_lease_s`` (a replica that dies mid-attempt has it retried after that).
+    ``health_listen``: also serve the health service alone, in plaintext, there (for probes
+    that speak no TLS, such as Kubernetes' native gRPC probes).
 
     Raises:
         ConfigurationError: bad security settings, an address that cannot be bound, or a
@@ -798,6 +874,11 @@ async def serve(
                                           "hide": [str(store.root)]}
         if limits is not None:
             runtime_kwargs["limits"] = limits
+        runtime_kwargs["async_queue"] = open_queue(
+            store, max_queued=async_max_queued,
+            max_queued_per_function=async_max_queued_per_function)
+        runtime_kwargs["async_concurrency"] = async_concurrency
+        runtime_kwargs["async_lease_s"] = async_lease_s
         runtime = AsyncRuntime(**runtime_kwargs)
         access_log = AccessLog()
         runtime.add_observer(access_log)
@@ -927,6 +1008,7 @@ async def _serve_runtime(runtime: AsyncRuntime, store: Store, address: str, *,
                                interceptors=interceptors, node=node_name)
         if access_log is not None:
             access_log.node = handle.servicer.node
+        runtime.set_node(handle.servicer.node)  # recorded with each async attempt
         await handle.servicer.load_store()
         await handle.server.start()
         if health_listen is not None:

@@ -119,6 +119,9 @@ class StoredFunction:
     source_format: SourceFormat
     source_size_bytes: int
     reuse: int = 1
+    #: the fields of its async policy given at deploy (see :class:`sandbox.asyncq.AsyncPolicy`;
+    #: None: every field its default). Absent from indexes written before it existed.
+    async_policy: dict[str, Any] | None = None
 
     @property
     def module(self) -> str:
@@ -157,6 +160,7 @@ class StoredFunction:
             "source_format": self.source_format,
             "source_size_bytes": self.source_size_bytes,
             "reuse": self.reuse,
+            **({} if self.async_policy is None else {"async_policy": dict(self.async_policy)}),
         }
 
     @classmethod
@@ -181,7 +185,20 @@ class StoredFunction:
             source_format=fmt,
             source_size_bytes=int(data["source_size_bytes"]),
             reuse=reuse,
+            async_policy=_async_policy(data.get("async_policy")),
         )
+
+
+def _async_policy(value: Any) -> dict[str, Any] | None:
+    """An index's async policy, checked (None when absent)."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise ValueError(f"bad async_policy {value!r}")
+    from sandbox.asyncq import AsyncPolicy
+
+    AsyncPolicy.from_dict(value)  # InvalidRequest is a ValueError
+    return dict(value)
 
 
 class Store(Protocol):
@@ -201,7 +218,8 @@ class Store(Protocol):
     def deploy(self, name: str, source: bytes, *, handler: str = "",
                preload: Sequence[str] = (), limits: Limits | None = None,
                source_format: SourceFormat | None = None, created: float | None = None,
-               reuse: int = 1) -> StoredFunction: ...
+               reuse: int = 1, async_policy: dict[str, Any] | None = None
+               ) -> StoredFunction: ...
     def delete(self, name: str, version: int | None = None) -> list[int]: ...
     def watch(self, listener: Callable[[list[StoredFunction], list[StoredFunction]], None]
               ) -> None: ...
@@ -362,6 +380,7 @@ class FunctionStore:
         source_format: SourceFormat | None = None,
         created: float | None = None,
         reuse: int = 1,
+        async_policy: dict[str, Any] | None = None,
     ) -> StoredFunction:
         """Store a bundle and record it as the next version of ``name``.
 
@@ -390,6 +409,7 @@ class FunctionStore:
                 source_format=source_format,
                 source_size_bytes=len(source),
                 reuse=reuse,
+                async_policy=async_policy,
             )
             self._write_bundle(fn, source)
             entry.versions.append(fn)

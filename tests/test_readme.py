@@ -50,6 +50,14 @@ def test_metrics_example_runs() -> None:
     assert proc.stdout.split() == ["3.0", "3"]
 
 
+def test_async_example_runs() -> None:
+    (code,) = _blocks(_section("Asynchronous invocations"), "python")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split("\n")[:3] == ["QUEUED", "SUCCEEDED 3", "DEAD_LETTERED 3"]
+
+
 def test_security_commands_work(tmp_path: Path) -> None:
     """The certificate, token, serve, deploy and invoke commands of "Security of the API", as
     written (on a free loopback port instead of 0.0.0.0:50051, a state dir of the test's)."""

@@ -27,6 +27,16 @@ class Outcome(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     OUTCOME_OUTPUT_LIMIT: _ClassVar[Outcome]
     OUTCOME_CRASHED: _ClassVar[Outcome]
     OUTCOME_CANCELLED: _ClassVar[Outcome]
+
+class InvocationState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    INVOCATION_STATE_UNSPECIFIED: _ClassVar[InvocationState]
+    INVOCATION_STATE_QUEUED: _ClassVar[InvocationState]
+    INVOCATION_STATE_RUNNING: _ClassVar[InvocationState]
+    INVOCATION_STATE_SUCCEEDED: _ClassVar[InvocationState]
+    INVOCATION_STATE_FAILED: _ClassVar[InvocationState]
+    INVOCATION_STATE_DEAD_LETTERED: _ClassVar[InvocationState]
+    INVOCATION_STATE_CANCELLED: _ClassVar[InvocationState]
 SOURCE_FORMAT_UNSPECIFIED: SourceFormat
 SOURCE_FORMAT_PYTHON: SourceFormat
 SOURCE_FORMAT_ZIP: SourceFormat
@@ -39,6 +49,13 @@ OUTCOME_MEMORY_LIMIT: Outcome
 OUTCOME_OUTPUT_LIMIT: Outcome
 OUTCOME_CRASHED: Outcome
 OUTCOME_CANCELLED: Outcome
+INVOCATION_STATE_UNSPECIFIED: InvocationState
+INVOCATION_STATE_QUEUED: InvocationState
+INVOCATION_STATE_RUNNING: InvocationState
+INVOCATION_STATE_SUCCEEDED: InvocationState
+INVOCATION_STATE_FAILED: InvocationState
+INVOCATION_STATE_DEAD_LETTERED: InvocationState
+INVOCATION_STATE_CANCELLED: InvocationState
 
 class Limits(_message.Message):
     __slots__ = ("wall_timeout_s", "cpu_time_s", "memory_bytes", "max_processes", "max_open_files", "max_file_size_bytes", "max_result_bytes", "max_log_bytes", "network")
@@ -63,7 +80,7 @@ class Limits(_message.Message):
     def __init__(self, wall_timeout_s: _Optional[float] = ..., cpu_time_s: _Optional[float] = ..., memory_bytes: _Optional[int] = ..., max_processes: _Optional[int] = ..., max_open_files: _Optional[int] = ..., max_file_size_bytes: _Optional[int] = ..., max_result_bytes: _Optional[int] = ..., max_log_bytes: _Optional[int] = ..., network: _Optional[bool] = ...) -> None: ...
 
 class Function(_message.Message):
-    __slots__ = ("name", "version", "digest", "handler", "preload", "limits", "create_time", "source_format", "source_size_bytes", "profile", "reuse")
+    __slots__ = ("name", "version", "digest", "handler", "preload", "limits", "create_time", "source_format", "source_size_bytes", "profile", "reuse", "async_policy")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     DIGEST_FIELD_NUMBER: _ClassVar[int]
@@ -75,6 +92,7 @@ class Function(_message.Message):
     SOURCE_SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
     PROFILE_FIELD_NUMBER: _ClassVar[int]
     REUSE_FIELD_NUMBER: _ClassVar[int]
+    ASYNC_POLICY_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: int
     digest: str
@@ -86,10 +104,11 @@ class Function(_message.Message):
     source_size_bytes: int
     profile: str
     reuse: int
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., digest: _Optional[str] = ..., handler: _Optional[str] = ..., preload: _Optional[_Iterable[str]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., source_format: _Optional[_Union[SourceFormat, str]] = ..., source_size_bytes: _Optional[int] = ..., profile: _Optional[str] = ..., reuse: _Optional[int] = ...) -> None: ...
+    async_policy: AsyncPolicy
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., digest: _Optional[str] = ..., handler: _Optional[str] = ..., preload: _Optional[_Iterable[str]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., source_format: _Optional[_Union[SourceFormat, str]] = ..., source_size_bytes: _Optional[int] = ..., profile: _Optional[str] = ..., reuse: _Optional[int] = ..., async_policy: _Optional[_Union[AsyncPolicy, _Mapping]] = ...) -> None: ...
 
 class DeployRequest(_message.Message):
-    __slots__ = ("name", "source", "source_format", "handler", "limits", "preload", "reuse")
+    __slots__ = ("name", "source", "source_format", "handler", "limits", "preload", "reuse", "async_policy")
     NAME_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FORMAT_FIELD_NUMBER: _ClassVar[int]
@@ -97,6 +116,7 @@ class DeployRequest(_message.Message):
     LIMITS_FIELD_NUMBER: _ClassVar[int]
     PRELOAD_FIELD_NUMBER: _ClassVar[int]
     REUSE_FIELD_NUMBER: _ClassVar[int]
+    ASYNC_POLICY_FIELD_NUMBER: _ClassVar[int]
     name: str
     source: bytes
     source_format: SourceFormat
@@ -104,7 +124,8 @@ class DeployRequest(_message.Message):
     limits: Limits
     preload: _containers.RepeatedScalarFieldContainer[str]
     reuse: int
-    def __init__(self, name: _Optional[str] = ..., source: _Optional[bytes] = ..., source_format: _Optional[_Union[SourceFormat, str]] = ..., handler: _Optional[str] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., preload: _Optional[_Iterable[str]] = ..., reuse: _Optional[int] = ...) -> None: ...
+    async_policy: AsyncPolicy
+    def __init__(self, name: _Optional[str] = ..., source: _Optional[bytes] = ..., source_format: _Optional[_Union[SourceFormat, str]] = ..., handler: _Optional[str] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., preload: _Optional[_Iterable[str]] = ..., reuse: _Optional[int] = ..., async_policy: _Optional[_Union[AsyncPolicy, _Mapping]] = ...) -> None: ...
 
 class DeployResponse(_message.Message):
     __slots__ = ("function",)
@@ -391,3 +412,141 @@ class FilesystemView(_message.Message):
     hidden: _containers.RepeatedScalarFieldContainer[str]
     private: _containers.RepeatedScalarFieldContainer[str]
     def __init__(self, minimal: _Optional[bool] = ..., read_only: _Optional[bool] = ..., paths: _Optional[_Iterable[str]] = ..., devices: _Optional[_Iterable[str]] = ..., hidden: _Optional[_Iterable[str]] = ..., private: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class AsyncPolicy(_message.Message):
+    __slots__ = ("max_retries", "max_event_age_s", "retry_on", "backoff_initial_s", "backoff_multiplier", "backoff_max_s", "jitter", "retention_s")
+    MAX_RETRIES_FIELD_NUMBER: _ClassVar[int]
+    MAX_EVENT_AGE_S_FIELD_NUMBER: _ClassVar[int]
+    RETRY_ON_FIELD_NUMBER: _ClassVar[int]
+    BACKOFF_INITIAL_S_FIELD_NUMBER: _ClassVar[int]
+    BACKOFF_MULTIPLIER_FIELD_NUMBER: _ClassVar[int]
+    BACKOFF_MAX_S_FIELD_NUMBER: _ClassVar[int]
+    JITTER_FIELD_NUMBER: _ClassVar[int]
+    RETENTION_S_FIELD_NUMBER: _ClassVar[int]
+    max_retries: int
+    max_event_age_s: float
+    retry_on: OutcomeSet
+    backoff_initial_s: float
+    backoff_multiplier: float
+    backoff_max_s: float
+    jitter: float
+    retention_s: float
+    def __init__(self, max_retries: _Optional[int] = ..., max_event_age_s: _Optional[float] = ..., retry_on: _Optional[_Union[OutcomeSet, _Mapping]] = ..., backoff_initial_s: _Optional[float] = ..., backoff_multiplier: _Optional[float] = ..., backoff_max_s: _Optional[float] = ..., jitter: _Optional[float] = ..., retention_s: _Optional[float] = ...) -> None: ...
+
+class OutcomeSet(_message.Message):
+    __slots__ = ("outcomes",)
+    OUTCOMES_FIELD_NUMBER: _ClassVar[int]
+    outcomes: _containers.RepeatedScalarFieldContainer[Outcome]
+    def __init__(self, outcomes: _Optional[_Iterable[_Union[Outcome, str]]] = ...) -> None: ...
+
+class InvokeAsyncRequest(_message.Message):
+    __slots__ = ("invoke", "idempotency_key", "policy")
+    INVOKE_FIELD_NUMBER: _ClassVar[int]
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    invoke: InvokeRequest
+    idempotency_key: str
+    policy: AsyncPolicy
+    def __init__(self, invoke: _Optional[_Union[InvokeRequest, _Mapping]] = ..., idempotency_key: _Optional[str] = ..., policy: _Optional[_Union[AsyncPolicy, _Mapping]] = ...) -> None: ...
+
+class InvokeAsyncResponse(_message.Message):
+    __slots__ = ("id", "state", "duplicate")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    DUPLICATE_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    state: InvocationState
+    duplicate: bool
+    def __init__(self, id: _Optional[str] = ..., state: _Optional[_Union[InvocationState, str]] = ..., duplicate: _Optional[bool] = ...) -> None: ...
+
+class Attempt(_message.Message):
+    __slots__ = ("number", "start_time", "end_time", "outcome", "error", "stats", "node", "charged")
+    NUMBER_FIELD_NUMBER: _ClassVar[int]
+    START_TIME_FIELD_NUMBER: _ClassVar[int]
+    END_TIME_FIELD_NUMBER: _ClassVar[int]
+    OUTCOME_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    STATS_FIELD_NUMBER: _ClassVar[int]
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    CHARGED_FIELD_NUMBER: _ClassVar[int]
+    number: int
+    start_time: _timestamp_pb2.Timestamp
+    end_time: _timestamp_pb2.Timestamp
+    outcome: Outcome
+    error: ErrorInfo
+    stats: Stats
+    node: str
+    charged: bool
+    def __init__(self, number: _Optional[int] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., outcome: _Optional[_Union[Outcome, str]] = ..., error: _Optional[_Union[ErrorInfo, _Mapping]] = ..., stats: _Optional[_Union[Stats, _Mapping]] = ..., node: _Optional[str] = ..., charged: _Optional[bool] = ...) -> None: ...
+
+class AsyncInvocation(_message.Message):
+    __slots__ = ("id", "function", "version", "state", "create_time", "update_time", "end_time", "next_attempt_time", "attempts", "result", "reason", "idempotency_key", "policy", "redrives", "content_type")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    FUNCTION_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
+    UPDATE_TIME_FIELD_NUMBER: _ClassVar[int]
+    END_TIME_FIELD_NUMBER: _ClassVar[int]
+    NEXT_ATTEMPT_TIME_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    REDRIVES_FIELD_NUMBER: _ClassVar[int]
+    CONTENT_TYPE_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    function: str
+    version: int
+    state: InvocationState
+    create_time: _timestamp_pb2.Timestamp
+    update_time: _timestamp_pb2.Timestamp
+    end_time: _timestamp_pb2.Timestamp
+    next_attempt_time: _timestamp_pb2.Timestamp
+    attempts: _containers.RepeatedCompositeFieldContainer[Attempt]
+    result: InvokeResponse
+    reason: str
+    idempotency_key: str
+    policy: AsyncPolicy
+    redrives: int
+    content_type: str
+    def __init__(self, id: _Optional[str] = ..., function: _Optional[str] = ..., version: _Optional[int] = ..., state: _Optional[_Union[InvocationState, str]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., next_attempt_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., attempts: _Optional[_Iterable[_Union[Attempt, _Mapping]]] = ..., result: _Optional[_Union[InvokeResponse, _Mapping]] = ..., reason: _Optional[str] = ..., idempotency_key: _Optional[str] = ..., policy: _Optional[_Union[AsyncPolicy, _Mapping]] = ..., redrives: _Optional[int] = ..., content_type: _Optional[str] = ...) -> None: ...
+
+class GetInvocationRequest(_message.Message):
+    __slots__ = ("id",)
+    ID_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    def __init__(self, id: _Optional[str] = ...) -> None: ...
+
+class ListInvocationsRequest(_message.Message):
+    __slots__ = ("function", "state", "page_size", "page_token")
+    FUNCTION_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    function: str
+    state: InvocationState
+    page_size: int
+    page_token: str
+    def __init__(self, function: _Optional[str] = ..., state: _Optional[_Union[InvocationState, str]] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
+
+class ListInvocationsResponse(_message.Message):
+    __slots__ = ("invocations", "next_page_token")
+    INVOCATIONS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    invocations: _containers.RepeatedCompositeFieldContainer[AsyncInvocation]
+    next_page_token: str
+    def __init__(self, invocations: _Optional[_Iterable[_Union[AsyncInvocation, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
+
+class CancelInvocationRequest(_message.Message):
+    __slots__ = ("id",)
+    ID_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    def __init__(self, id: _Optional[str] = ...) -> None: ...
+
+class RedriveInvocationRequest(_message.Message):
+    __slots__ = ("id",)
+    ID_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    def __init__(self, id: _Optional[str] = ...) -> None: ...

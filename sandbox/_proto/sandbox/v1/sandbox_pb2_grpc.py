@@ -75,6 +75,31 @@ class SandboxStub:
                 request_serializer=sandbox_dot_v1_dot_sandbox__pb2.GetInfoRequest.SerializeToString,
                 response_deserializer=sandbox_dot_v1_dot_sandbox__pb2.GetInfoResponse.FromString,
                 _registered_method=True)
+        self.InvokeAsync = channel.unary_unary(
+                '/sandbox.v1.Sandbox/InvokeAsync',
+                request_serializer=sandbox_dot_v1_dot_sandbox__pb2.InvokeAsyncRequest.SerializeToString,
+                response_deserializer=sandbox_dot_v1_dot_sandbox__pb2.InvokeAsyncResponse.FromString,
+                _registered_method=True)
+        self.GetInvocation = channel.unary_unary(
+                '/sandbox.v1.Sandbox/GetInvocation',
+                request_serializer=sandbox_dot_v1_dot_sandbox__pb2.GetInvocationRequest.SerializeToString,
+                response_deserializer=sandbox_dot_v1_dot_sandbox__pb2.AsyncInvocation.FromString,
+                _registered_method=True)
+        self.ListInvocations = channel.unary_unary(
+                '/sandbox.v1.Sandbox/ListInvocations',
+                request_serializer=sandbox_dot_v1_dot_sandbox__pb2.ListInvocationsRequest.SerializeToString,
+                response_deserializer=sandbox_dot_v1_dot_sandbox__pb2.ListInvocationsResponse.FromString,
+                _registered_method=True)
+        self.CancelInvocation = channel.unary_unary(
+                '/sandbox.v1.Sandbox/CancelInvocation',
+                request_serializer=sandbox_dot_v1_dot_sandbox__pb2.CancelInvocationRequest.SerializeToString,
+                response_deserializer=sandbox_dot_v1_dot_sandbox__pb2.AsyncInvocation.FromString,
+                _registered_method=True)
+        self.RedriveInvocation = channel.unary_unary(
+                '/sandbox.v1.Sandbox/RedriveInvocation',
+                request_serializer=sandbox_dot_v1_dot_sandbox__pb2.RedriveInvocationRequest.SerializeToString,
+                response_deserializer=sandbox_dot_v1_dot_sandbox__pb2.AsyncInvocation.FromString,
+                _registered_method=True)
 
 
 class SandboxServicer:
@@ -146,6 +171,48 @@ class SandboxServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def InvokeAsync(self, request, context):
+        """Asynchronous invocations (see "Asynchronous invocations" below). Queue an invocation
+        durably and return its id at once. Everything that can be checked is checked now:
+        NOT_FOUND (function or version), INVALID_ARGUMENT (payload, limits, policy, key), never
+        later. RESOURCE_EXHAUSTED: the async queue is full (overall, or of this function).
+        FAILED_PRECONDITION: the server has no queue.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetInvocation(self, request, context):
+        """One asynchronous invocation: its state, attempts and (once terminal) result. NOT_FOUND:
+        no such id, or purged after its retention.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListInvocations(self, request, context):
+        """Asynchronous invocations in submission order, a page at a time.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CancelInvocation(self, request, context):
+        """Cancel a QUEUED or RUNNING invocation (a running attempt's worker is killed): it ends
+        CANCELLED. A terminal invocation is returned unchanged.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RedriveInvocation(self, request, context):
+        """Queue a DEAD_LETTERED invocation again with a fresh attempt budget (its earlier attempts
+        stay in `attempts`). INVALID_ARGUMENT when it is not DEAD_LETTERED.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SandboxServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -188,6 +255,31 @@ def add_SandboxServicer_to_server(servicer, server):
                     servicer.GetInfo,
                     request_deserializer=sandbox_dot_v1_dot_sandbox__pb2.GetInfoRequest.FromString,
                     response_serializer=sandbox_dot_v1_dot_sandbox__pb2.GetInfoResponse.SerializeToString,
+            ),
+            'InvokeAsync': grpc.unary_unary_rpc_method_handler(
+                    servicer.InvokeAsync,
+                    request_deserializer=sandbox_dot_v1_dot_sandbox__pb2.InvokeAsyncRequest.FromString,
+                    response_serializer=sandbox_dot_v1_dot_sandbox__pb2.InvokeAsyncResponse.SerializeToString,
+            ),
+            'GetInvocation': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetInvocation,
+                    request_deserializer=sandbox_dot_v1_dot_sandbox__pb2.GetInvocationRequest.FromString,
+                    response_serializer=sandbox_dot_v1_dot_sandbox__pb2.AsyncInvocation.SerializeToString,
+            ),
+            'ListInvocations': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListInvocations,
+                    request_deserializer=sandbox_dot_v1_dot_sandbox__pb2.ListInvocationsRequest.FromString,
+                    response_serializer=sandbox_dot_v1_dot_sandbox__pb2.ListInvocationsResponse.SerializeToString,
+            ),
+            'CancelInvocation': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelInvocation,
+                    request_deserializer=sandbox_dot_v1_dot_sandbox__pb2.CancelInvocationRequest.FromString,
+                    response_serializer=sandbox_dot_v1_dot_sandbox__pb2.AsyncInvocation.SerializeToString,
+            ),
+            'RedriveInvocation': grpc.unary_unary_rpc_method_handler(
+                    servicer.RedriveInvocation,
+                    request_deserializer=sandbox_dot_v1_dot_sandbox__pb2.RedriveInvocationRequest.FromString,
+                    response_serializer=sandbox_dot_v1_dot_sandbox__pb2.AsyncInvocation.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -407,6 +499,141 @@ class Sandbox:
             '/sandbox.v1.Sandbox/GetInfo',
             sandbox_dot_v1_dot_sandbox__pb2.GetInfoRequest.SerializeToString,
             sandbox_dot_v1_dot_sandbox__pb2.GetInfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def InvokeAsync(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sandbox.v1.Sandbox/InvokeAsync',
+            sandbox_dot_v1_dot_sandbox__pb2.InvokeAsyncRequest.SerializeToString,
+            sandbox_dot_v1_dot_sandbox__pb2.InvokeAsyncResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetInvocation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sandbox.v1.Sandbox/GetInvocation',
+            sandbox_dot_v1_dot_sandbox__pb2.GetInvocationRequest.SerializeToString,
+            sandbox_dot_v1_dot_sandbox__pb2.AsyncInvocation.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListInvocations(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sandbox.v1.Sandbox/ListInvocations',
+            sandbox_dot_v1_dot_sandbox__pb2.ListInvocationsRequest.SerializeToString,
+            sandbox_dot_v1_dot_sandbox__pb2.ListInvocationsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelInvocation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sandbox.v1.Sandbox/CancelInvocation',
+            sandbox_dot_v1_dot_sandbox__pb2.CancelInvocationRequest.SerializeToString,
+            sandbox_dot_v1_dot_sandbox__pb2.AsyncInvocation.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RedriveInvocation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sandbox.v1.Sandbox/RedriveInvocation',
+            sandbox_dot_v1_dot_sandbox__pb2.RedriveInvocationRequest.SerializeToString,
+            sandbox_dot_v1_dot_sandbox__pb2.AsyncInvocation.FromString,
             options,
             channel_credentials,
             insecure,

@@ -225,7 +225,10 @@ class PostgresStore:
                preload: Sequence[str] = (), limits: Limits | None = None,
                source_format: SourceFormat | None = None, created: float | None = None,
                reuse: int = 1, async_policy: dict[str, Any] | None = None) -> StoredFunction:
-        """Store the bundle (once per digest) and the next version of ``name``.
+        """Store the bundle (once per digest) and the next version of ``name``; or, when the
+        latest version of ``name`` is already exactly this deployment (source, handler,
+        preload, limits, reuse: a retried deploy whose first attempt landed, through this
+        replica or another), return that version.
 
         Raises:
             InvalidRequest: as the local store.
@@ -244,9 +247,24 @@ class PostgresStore:
             created=time.time() if created is None else created, source_format=fmt,
             source_size_bytes=len(source), reuse=reuse, async_policy=async_policy)
         with self._sync:
+            existing: StoredFunction | None = None
             for attempt in range(3):
                 try:
                     with self._transaction() as conn:
+                        # The name's row, locked: deploys of one name take turns from here.
+                        conn.execute("INSERT INTO sandbox_functions (name, next_version) "
+                                     "VALUES (%s, 1) ON CONFLICT (name) DO NOTHING", (name,))
+                        conn.execute("SELECT 1 FROM sandbox_functions WHERE name = %s "
+                                     "FOR UPDATE", (name,))
+                        latest = conn.execute(
+                            "SELECT meta FROM sandbox_versions WHERE name = %s "
+                            "ORDER BY version DESC LIMIT 1", (name,)).fetchone()
+                        if latest is not None and _same_deployment(
+                                StoredFunction.from_dict(name, latest[0]), template):
+                            # Idempotent: a retried deploy whose first attempt landed
+                            # (through any replica) gets that version, not a second one.
+                            existing = StoredFunction.from_dict(name, latest[0])
+                            break
                         have = conn.execute("SELECT 1 FROM sandbox_bundles WHERE digest = %s",
                                             (digest,)).fetchone()
                         if have is None:
@@ -255,10 +273,8 @@ class PostgresStore:
                                 "VALUES (%s, %s, %s) ON CONFLICT (digest) DO NOTHING",
                                 (digest, source, len(source)))
                         row = conn.execute(
-                            "INSERT INTO sandbox_functions AS f (name, next_version) "
-                            "VALUES (%s, 2) ON CONFLICT (name) DO UPDATE "
-                            "SET next_version = f.next_version + 1 "
-                            "RETURNING f.next_version - 1", (name,)).fetchone()
+                            "UPDATE sandbox_functions SET next_version = next_version + 1 "
+                            "WHERE name = %s RETURNING next_version - 1", (name,)).fetchone()
                         assert row is not None
                         fn = _with_version(template, int(row[0]))
                         conn.execute(
@@ -272,6 +288,11 @@ class PostgresStore:
                     # version's insert: the transaction rolled back; do it again.
                     if attempt == 2:
                         raise
+            if existing is not None:
+                if (existing.name, existing.version) not in {
+                        (f.name, f.version) for f in self.cache.functions(all_versions=True)}:
+                    self._apply_ours(added=[(existing, source)])
+                return existing
             self._apply_ours(added=[(fn, source)])
         log.info("deployed %s version %d (%s, %d bytes) to %s", name, fn.version, digest[:12],
                  len(source), self.describe())
@@ -351,16 +372,27 @@ class PostgresStore:
         self.cache.mirror(now, nexts, lambda digests: {d: sources[d] for d in digests
                                                        if d in sources})
 
-    def _refresh(self, conn: psycopg.Connection[Any]) -> None:
-        """Read every version from the database into the mirror; tell the listeners what
-        changed."""
+    def _refresh(self, conn: psycopg.Connection[Any], names: set[str] | None = None) -> None:
+        """Read the versions of ``names`` (every name when None: at start and after a
+        reconnection) from the database into the mirror; tell the listeners what changed.
+        A notification names its function, so a deploy costs a read of that function's
+        versions, not of the whole store."""
         with self._sync:
             with conn.transaction():
-                rows = conn.execute("SELECT name, meta FROM sandbox_versions "
-                                    "ORDER BY name, version").fetchall()
-                nexts = dict(conn.execute("SELECT name, next_version FROM sandbox_functions"
-                                          ).fetchall())
-            functions = []
+                if names is None:
+                    rows = conn.execute("SELECT name, meta FROM sandbox_versions "
+                                        "ORDER BY name, version").fetchall()
+                    nexts = dict(conn.execute("SELECT name, next_version FROM "
+                                              "sandbox_functions").fetchall())
+                else:
+                    wanted = sorted(names)
+                    rows = conn.execute("SELECT name, meta FROM sandbox_versions WHERE name = "
+                                        "ANY(%s) ORDER BY name, version", (wanted,)).fetchall()
+                    nexts = dict(conn.execute("SELECT name, next_version FROM "
+                                              "sandbox_functions WHERE name = ANY(%s)",
+                                              (wanted,)).fetchall())
+            functions = [] if names is None else [
+                fn for fn in self.cache.functions(all_versions=True) if fn.name not in names]
             for name, meta in rows:
                 try:
                     functions.append(StoredFunction.from_dict(name, meta))
@@ -417,8 +449,11 @@ class PostgresStore:
                         # Back at once with the first notification (the others queued
                         # meanwhile are read by the same refresh, or wake the next turn);
                         # at least every half second to notice close().
-                        if any(True for _ in conn.notifies(timeout=0.5, stop_after=1)):
-                            self._refresh(conn)
+                        names: set[str] = set()
+                        for note in conn.notifies(timeout=0.5, stop_after=1):
+                            names.add(_notified_name(note.payload))
+                        if names:
+                            self._refresh(conn, None if "" in names else names)
             except ConfigurationError as exc:  # a schema we do not understand: fatal
                 self._schema_error = exc
                 self._closed.set()
@@ -459,6 +494,24 @@ def _migrate(conn: psycopg.Connection[Any]) -> None:
             conn.execute("INSERT INTO sandbox_schema (version) VALUES (%s)", (SCHEMA_VERSION,))
         elif current != SCHEMA_VERSION:
             conn.execute("UPDATE sandbox_schema SET version = %s", (SCHEMA_VERSION,))
+
+
+def _notified_name(payload: str) -> str:
+    """The function a notification names ("" when it cannot be read: re-read everything)."""
+    try:
+        name = json.loads(payload).get("name")
+    except (ValueError, AttributeError):
+        return ""
+    return name if isinstance(name, str) else ""
+
+
+def _same_deployment(a: StoredFunction, b: StoredFunction) -> bool:
+    """Whether two versions are one deployment: everything but the version number, the time
+    and the size (which the digest decides) is equal."""
+    import dataclasses
+
+    return dataclasses.replace(a, version=0, created=0.0) == dataclasses.replace(
+        b, version=0, created=0.0)
 
 
 def _with_version(fn: StoredFunction, version: int) -> StoredFunction:

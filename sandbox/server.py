@@ -698,6 +698,10 @@ class ServerHandle:
         await self.server.stop(grace_s)
 
 
+#: How long a client's connection lasts before the server asks it to reconnect (see above).
+MAX_CONNECTION_AGE_S = 300
+
+
 def create_server(runtime: AsyncRuntime, address: str = "127.0.0.1:0", *,
                   store: Store | None = None,
                   invoke_many_window: int = DEFAULT_INVOKE_MANY_WINDOW,
@@ -722,6 +726,10 @@ def create_server(runtime: AsyncRuntime, address: str = "127.0.0.1:0", *,
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", -1),  # results are bounded by max_result_bytes
         ("grpc.so_reuseport", 0),
+        # A fleet's clients resolve a DNS name (a headless Service) again only when a
+        # connection closes: ending each connection after a while (GOAWAY: calls in flight,
+        # streams included, finish undisturbed) lets new replicas get their share of calls.
+        ("grpc.max_connection_age_ms", MAX_CONNECTION_AGE_S * 1000),
     ])
     servicer = SandboxServicer(runtime, store, invoke_many_window=invoke_many_window,
                                max_message_bytes=max_message_bytes, node=node)

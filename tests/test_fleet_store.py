@@ -225,3 +225,33 @@ def test_database_down_reads_go_on_changes_fail_clearly_recovery_is_automatic(
                 b2_seen.wait_for(added=("new", 1))
                 assert b2.connected
                 assert b2.bundle_path(b2.get("new")).read_bytes() == SOURCE_2
+
+
+def test_a_deploy_identical_to_the_latest_returns_it_through_any_store(
+        url: str, two: tuple[PostgresStore, PostgresStore]) -> None:
+    """Deploy is idempotent fleet-wide: a retried deploy whose first attempt landed through
+    another replica (whose news this one may not have yet) gets that version."""
+    a, b = two
+    first = a.deploy("same", SOURCE_1, limits=Limits(wall_timeout_s=2.0))
+    again = b.deploy("same", SOURCE_1, limits=Limits(wall_timeout_s=2.0))
+    assert again == first and b.get("same") == first
+    # Anything different is a new version, and so is an older source deployed again.
+    assert b.deploy("same", SOURCE_1, limits=Limits(wall_timeout_s=3.0)).version == 2
+    assert a.deploy("same", SOURCE_2).version == 3
+    assert a.deploy("same", SOURCE_1, limits=Limits(wall_timeout_s=2.0)).version == 4
+    # Many identical deploys at once, through both: one version.
+    source = b"def handler(event, context):\n    return 'once'\n"
+    start = threading.Barrier(6)
+    got: list[int] = []
+
+    def deploy(store: PostgresStore) -> None:
+        start.wait(30)
+        got.append(store.deploy("racing", source).version)
+
+    threads = [threading.Thread(target=deploy, args=(two[n % 2],)) for n in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert got == [1] * 6
+    assert rows(url, "SELECT count(*) FROM sandbox_versions WHERE name = 'racing'") == [(1,)]

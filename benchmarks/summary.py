@@ -20,6 +20,10 @@ SUITES = [
                  "and what a timeout, an OOM and a segfault cost"),
     ("async", "Asynchronous invocations: enqueue throughput and queue-to-start latency, single "
               "node (SQLite) and fleet (PostgreSQL)"),
+    ("observability", "Metrics and JSON access logs on vs off: a gRPC Invoke at light load and "
+                      "sustained"),
+    ("fleet", "A fleet on one machine: deploy propagation between replicas, and 3 replicas "
+              "balanced round_robin vs 1 (sustained)"),
     ("latency", "Latency at light load (warm pool before each call)"),
     ("timeouts", "Timeouts (100 ms timeout): light load, and 16 callers at once"),
     ("coldstart", "Cold start with a preloaded profile (light load, warm pool)"),

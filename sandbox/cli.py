@@ -175,7 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run(sub)
     bench = sub.add_parser(
         "bench", help="run the benchmarks (sustained, births, calls, coldstart, latency, "
-        "throughput, timeouts, memory, paper, soak; `sandbox bench --help` lists them)",
+        "throughput, timeouts, memory, paper, observability, executor, async, fleet, soak; "
+        "`sandbox bench --help` lists them)",
         add_help=False,
         description="Same as `python -m benchmarks`; `sandbox bench --help` for its options.")
     bench.add_argument("args", nargs=argparse.REMAINDER)

@@ -855,18 +855,17 @@ class Client:
                    ) -> QueuedInvocation:
         """An asynchronous invocation: state, attempts, result. Raises InvocationNotFound."""
         with _invocation_lookup():
-            return _queued(self._retried(self.stub.GetInvocation,
-                                         pb.GetInvocationRequest(id=invocation_id), timeout,
-                                         (), True))
+            # A read: gRPC retries it itself (the service config's Get*/List* policy).
+            return _queued(self._unary(self.stub.GetInvocation,
+                                       pb.GetInvocationRequest(id=invocation_id), timeout))
 
     def invocations(self, function: str | None = None, state: str | None = None, *,
                     page_size: int = 100, page_token: str = "",
                     timeout: float | None = None) -> tuple[list[QueuedInvocation], str]:
         """A page of asynchronous invocations (submission order) and the next page's token
         (empty after the last)."""
-        response = self._retried(self.stub.ListInvocations,
-                                 _list_request(function, state, page_size, page_token),
-                                 timeout, (), True)
+        response = self._unary(self.stub.ListInvocations,
+                               _list_request(function, state, page_size, page_token), timeout)
         return [_queued(m) for m in response.invocations], response.next_page_token
 
     def cancel_invocation(self, invocation_id: str, *, timeout: float | None = None
@@ -1111,16 +1110,16 @@ class AsyncClient:
     async def invocation(self, invocation_id: str, *, timeout: float | None = None
                          ) -> QueuedInvocation:
         with _invocation_lookup():
-            return _queued(await self._retried(self.stub.GetInvocation,
-                                               pb.GetInvocationRequest(id=invocation_id),
-                                               timeout, (), True))
+            return _queued(await self._unary(self.stub.GetInvocation,
+                                             pb.GetInvocationRequest(id=invocation_id),
+                                             timeout))
 
     async def invocations(self, function: str | None = None, state: str | None = None, *,
                           page_size: int = 100, page_token: str = "",
                           timeout: float | None = None) -> tuple[list[QueuedInvocation], str]:
-        response = await self._retried(self.stub.ListInvocations,
-                                       _list_request(function, state, page_size, page_token),
-                                       timeout, (), True)
+        response = await self._unary(self.stub.ListInvocations,
+                                     _list_request(function, state, page_size, page_token),
+                                     timeout)
         return [_queued(m) for m in response.invocations], response.next_page_token
 
     async def cancel_invocation(self, invocation_id: str, *, timeout: float | None = None

@@ -347,7 +347,7 @@ class GrpcMetricsInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         seconds = self.seconds.labels(*labels)
         handled: dict[str, Any] = {}
 
-        def finish(labels: tuple[str, str, str], code: str, t0: float) -> None:
+        def finish(code: str, t0: float) -> None:
             counter = handled.get(code)
             if counter is None:
                 counter = handled[code] = self.handled.labels(*labels, code)
@@ -358,34 +358,65 @@ class GrpcMetricsInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             async def stream(request: Any, context: grpc.aio.ServicerContext
                              ) -> AsyncIterator[Any]:
                 started.inc()
-                t0 = time.perf_counter()
+                counted = _CountingContext(context, finish)
                 code = "OK"
                 try:
-                    async for response in behavior(request, context):
+                    async for response in behavior(request, counted):
                         yield response
                     code = _code_name(context, grpc.StatusCode.OK)
                 except BaseException as exc:
                     code = _failure(context, exc)
                     raise
                 finally:
-                    finish(labels, code, t0)
+                    counted.count(code)
             return stream
         if inspect.iscoroutinefunction(behavior):
             async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
                 started.inc()
-                t0 = time.perf_counter()
+                counted = _CountingContext(context, finish)
                 code = "OK"
                 try:
-                    response = await behavior(request, context)
+                    response = await behavior(request, counted)
                     code = _code_name(context, grpc.StatusCode.OK)
                     return response
                 except BaseException as exc:
                     code = _failure(context, exc)
                     raise
                 finally:
-                    finish(labels, code, t0)
+                    counted.count(code)
             return unary
         return None  # a synchronous handler (none of ours): left as it is
+
+
+class _CountingContext:
+    """The servicer's context, counting an RPC's status once, before the client can see it.
+
+    ``grpc.aio``'s ``abort`` sends the status at once and only then raises, so an RPC counted
+    after its handler raised would let a caller see NOT_FOUND, scrape, and not find it counted.
+    Everything but ``abort`` is the context's own.
+    """
+
+    __slots__ = ("_context", "_counted", "_finish", "_t0")
+
+    def __init__(self, context: grpc.aio.ServicerContext,
+                 finish: Callable[[str, float], None]) -> None:
+        self._context = context
+        self._finish = finish
+        self._t0 = time.perf_counter()
+        self._counted = False
+
+    def count(self, code: str) -> None:
+        if not self._counted:
+            self._counted = True
+            self._finish(code, self._t0)
+
+    async def abort(self, code: grpc.StatusCode, details: str = "",
+                    trailing_metadata: Any = ()) -> None:
+        self.count(code.name)
+        await self._context.abort(code, details, trailing_metadata)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._context, name)
 
 
 def _failure(context: grpc.aio.ServicerContext, exc: BaseException) -> str:

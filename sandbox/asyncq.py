@@ -32,7 +32,9 @@ stay in its history). Terminal invocations are purged ``retention_s`` after they
 Backends: :class:`sandbox.asyncq_sqlite.SqliteQueue` (single node, WAL, in the state
 directory) and :class:`sandbox.asyncq_pg.PostgresQueue` (a fleet: ``FOR UPDATE SKIP LOCKED``
 claims with leases, so any replica takes work and a dead replica's attempts are retried once
-their lease expires). Both share the SQL and the decisions of :class:`SqlQueue`.
+their lease expires). Both share the SQL and the decisions of :class:`SqlQueue`. The tables'
+version is in ``sandbox_async_schema``: created or migrated at open, and a queue written by a
+newer sandbox than this one is refused rather than misread.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ import msgpack
 
 from sandbox._logging import get_logger
 from sandbox.errors import (
+    ConfigurationError,
     FunctionNotFound,
     InvalidRequest,
     Overloaded,
@@ -418,6 +421,11 @@ AGED_OUT = "max_event_age_s passed before an attempt could start"
 Events = list[tuple[str, str, str]]
 
 
+#: The version of the queue's tables this code reads and writes; each step up is a migration
+#: in :meth:`SqlQueue._create_schema`.
+SCHEMA_VERSION = 1
+
+
 class SqlQueue(abc.ABC):
     """The durable queue over a DB-API connection. Subclasses provide connections and
     transactions (``_transaction``), the placeholder style and the row locking clause.
@@ -429,6 +437,8 @@ class SqlQueue(abc.ABC):
     #: rows of this table and of the attempts table
     TABLE = "sandbox_async_invocations"
     ATTEMPTS = "sandbox_async_attempts"
+    #: one row: the version of the tables (:data:`SCHEMA_VERSION` once opened)
+    SCHEMA = "sandbox_async_schema"
     #: appended to the SELECTs that lock rows (``FOR UPDATE SKIP LOCKED`` in PostgreSQL)
     LOCK = ""
     LOCK_ROW = ""
@@ -467,6 +477,32 @@ class SqlQueue(abc.ABC):
         self.close()
 
     def _create_schema(self, cur: Any) -> None:
+        """Create the tables, or migrate them to :data:`SCHEMA_VERSION` (the caller holds the
+        transaction; PostgreSQL's also an advisory lock, so replicas migrate once).
+
+        Raises:
+            ConfigurationError: the queue's schema is newer than this sandbox understands.
+        """
+        cur.execute(f"CREATE TABLE IF NOT EXISTS {self.SCHEMA} (version INTEGER NOT NULL)")
+        row = self._x(cur, f"SELECT version FROM {self.SCHEMA}").fetchone()
+        # 0: no version row; the tables may still exist (a queue made before the version
+        # table was), and the first version's statements all keep what is there
+        current = 0 if row is None else int(row[0])
+        if current > SCHEMA_VERSION:
+            raise ConfigurationError(
+                f"the async queue in {self.description} has schema version {current}, newer "
+                f"than this sandbox understands ({SCHEMA_VERSION}): upgrade sandbox")
+        if current < 1:
+            self._create_tables(cur)
+        if row is None:
+            self._x(cur, f"INSERT INTO {self.SCHEMA} (version) VALUES (?)", (SCHEMA_VERSION,))
+        elif current != SCHEMA_VERSION:
+            self._x(cur, f"UPDATE {self.SCHEMA} SET version = ?", (SCHEMA_VERSION,))
+        if current != SCHEMA_VERSION:
+            log.info("async queue %s: schema version %d", self.description, SCHEMA_VERSION)
+
+    def _create_tables(self, cur: Any) -> None:
+        """The tables of schema version 1."""
         t, a, blob, real = self.TABLE, self.ATTEMPTS, self.BLOB, self.REAL
         cur.execute(f"""CREATE TABLE IF NOT EXISTS {t} (
             id TEXT PRIMARY KEY, function TEXT NOT NULL, version INTEGER NOT NULL,

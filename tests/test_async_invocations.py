@@ -168,6 +168,36 @@ def test_attempts_are_recorded_before_they_run_and_retried(make_queue: Callable[
     assert queue.finish(claim2, "me", time.time(), _result(claim2, Outcome.OK))[1] == []
 
 
+def test_the_schema_is_versioned_and_a_newer_one_is_refused(
+        make_queue: Callable[..., SqlQueue]) -> None:
+    from sandbox.asyncq import SCHEMA_VERSION
+
+    first = make_queue()
+    first.open()
+    item = _item()
+    first.submit(item, time.time())
+    with first._transaction() as cur:
+        assert first._x(cur, f"SELECT version FROM {first.SCHEMA}").fetchall() \
+            == [(SCHEMA_VERSION,)]
+        # A queue made before the version table (its tables, no version row) is adopted as it
+        # is: reopening keeps its invocations and records the version.
+        cur.execute(f"DROP TABLE {first.SCHEMA}")
+    first.close()
+    second = make_queue()
+    second.open()
+    assert second.get(item.id).state is Q
+    with second._transaction() as cur:
+        assert second._x(cur, f"SELECT version FROM {second.SCHEMA}").fetchall() \
+            == [(SCHEMA_VERSION,)]
+        # Written by a newer sandbox: refused, saying so, rather than misread.
+        second._x(cur, f"UPDATE {second.SCHEMA} SET version = ?", (SCHEMA_VERSION + 1,))
+    second.close()
+    with pytest.raises(ConfigurationError,
+                       match=rf"schema version {SCHEMA_VERSION + 1}, newer than this sandbox "
+                             rf"understands \({SCHEMA_VERSION}\): upgrade sandbox"):
+        make_queue().open()
+
+
 def test_idempotency_keys_and_bounds(make_queue: Callable[..., SqlQueue]) -> None:
     queue = make_queue(max_queued=5, max_queued_per_function=3)
     queue.open()

@@ -49,7 +49,7 @@ import math
 import os
 import random
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import msgpack
@@ -411,6 +411,8 @@ CRASHED_ERROR = ErrorInfo("SupervisorStopped", "the supervisor stopped during th
                           "lease expired without an outcome recorded)")
 INTERRUPTED_ERROR = ErrorInfo("Interrupted", "the server shut down during the attempt; it is "
                               "retried without counting against the budget")
+NOT_STARTED_ERROR = ErrorInfo("NotStarted", "the invocation was cancelled before the attempt "
+                              "started")
 AGED_OUT = "max_event_age_s passed before an attempt could start"
 
 
@@ -676,18 +678,17 @@ class SqlQueue(abc.ABC):
             if found.state is not InvocationState.DEAD_LETTERED:
                 raise InvalidRequest(f"only a DEAD_LETTERED invocation can be redriven; "
                                      f"{ident} is {found.state.value}")
+            # A fresh event age: the policy's, from now (not the last one's span again, which
+            # grew by the time between submission and each redrive).
             self._x(cur, f"""UPDATE {self.TABLE} SET state = 'QUEUED', charged = 0,
                 redrives = redrives + 1, updated = ?, not_before = ?,
-                expires_at = ? + {self._policy_age()}, finished = NULL, purge_at = NULL,
+                expires_at = ?, finished = NULL, purge_at = NULL,
                 reason = '', result = NULL, owner = NULL, lease_until = NULL WHERE id = ?""",
-                (now, now, now, ident))
+                (now, now, now + found.policy.max_event_age_s, ident))
             self._notify(cur)
             after = self._get(cur, ident)
         assert after is not None
         return after, [("redriven", ident, found.function)]
-
-    def _policy_age(self) -> str:
-        return "(expires_at - created)"
 
     def expire_leases(self, now: float) -> int:
         """Single node, at start: every RUNNING attempt belonged to a process that is gone
@@ -695,14 +696,22 @@ class SqlQueue(abc.ABC):
         with self._transaction() as cur:
             cur = self._x(cur, f"UPDATE {self.TABLE} SET lease_until = ? WHERE state = "
                                "'RUNNING'", (now - 1.0,))
-            return int(cur.rowcount)
+            running = int(cur.rowcount)
+            # Cancelled while running: their open attempts are swept by the next claim.
+            self._x(cur, f"UPDATE {self.TABLE} SET lease_until = ? WHERE state = 'CANCELLED' "
+                         "AND lease_until IS NOT NULL", (now - 1.0,))
+            return running
 
-    def claim(self, owner: str, node: str, n: int, now: float, lease_s: float
-              ) -> tuple[list[Claim], Events]:
+    def claim(self, owner: str, node: str, n: int, now: float, lease_s: float,
+              running: Collection[tuple[str, int]] = ()) -> tuple[list[Claim], Events]:
         """Take up to ``n`` due invocations: each becomes RUNNING with its next attempt
         recorded, leased to ``owner`` until ``now + lease_s``. First, attempts whose lease
         expired are recorded CRASHED (and retried or dead-lettered), and queued invocations
-        past their maximum age are dead-lettered."""
+        past their maximum age are dead-lettered.
+
+        ``running``: (id, attempt) of the attempts this owner is running now. Their leases
+        may have lapsed while the database was away, but they are not lost: the owner renews
+        them as soon as it can, unless another owner took them over meanwhile."""
         events: Events = []
         t, a = self.TABLE, self.ATTEMPTS
         claims: list[Claim] = []
@@ -714,10 +723,12 @@ class SqlQueue(abc.ABC):
                     updated = ?, finished = ?, purge_at = ? + retention_s WHERE id = ?""",
                     (AGED_OUT, now, now, now, ident))
                 events.append(("dead_lettered", ident, function))
-            expired = self._x(cur, f"SELECT id, function, attempts, charged, policy, expires_at "
-                                   f"FROM {t} WHERE state = 'RUNNING' AND lease_until < ?"
+            expired = self._x(cur, f"SELECT id, function, attempts, charged, policy, expires_at, "
+                                   f"owner FROM {t} WHERE state = 'RUNNING' AND lease_until < ?"
                                    f"{self.LOCK}", (now,)).fetchall()
-            for ident, function, attempts, charged, policy, expires_at in expired:
+            for ident, function, attempts, charged, policy, expires_at, holder in expired:
+                if holder == owner and (ident, int(attempts)) in running:
+                    continue
                 self._x(cur, f"UPDATE {a} SET ended = ?, outcome = 'CRASHED', error = ? WHERE "
                              "invocation = ? AND number = ? AND ended IS NULL",
                         (now, _error_json(CRASHED_ERROR), ident, attempts))
@@ -726,6 +737,15 @@ class SqlQueue(abc.ABC):
                                   Outcome.CRASHED, CRASHED_ERROR, now, float(expires_at))
                 self._apply(cur, ident, decision, now, None)
                 events.append((decision.event, ident, function))
+            # Cancelled while running, and the holder never recorded the attempt (it died, or
+            # lost the database): the attempt ends CRASHED once the lease it held is over.
+            gone = self._x(cur, f"SELECT id FROM {t} WHERE state = 'CANCELLED' AND "
+                                f"lease_until < ?{self.LOCK}", (now,)).fetchall()
+            for (ident,) in gone:
+                self._x(cur, f"UPDATE {a} SET ended = ?, outcome = 'CRASHED', error = ? WHERE "
+                             "invocation = ? AND ended IS NULL",
+                        (now, _error_json(CRASHED_ERROR), ident))
+                self._x(cur, f"UPDATE {t} SET lease_until = NULL WHERE id = ?", (ident,))
             if n > 0:
                 rows = self._x(cur, f"""SELECT id, function, version, payload, content_type,
                     limits, attempts, created FROM {t} WHERE state = 'QUEUED' AND
@@ -796,13 +816,16 @@ class SqlQueue(abc.ABC):
                                f"{self.LOCK_ROW}", (claim.id,)).fetchone()
             mine = (row is not None and row[0] == "RUNNING" and int(row[1]) == claim.attempt
                     and row[2] == owner)
-            if started:
-                self._x(cur, f"UPDATE {a} SET ended = ?, outcome = 'CANCELLED', error = ?, "
-                             "charged = 0 WHERE invocation = ? AND number = ? AND ended IS NULL",
-                        (now, _error_json(error), claim.id, claim.attempt))
-            elif mine:
+            if mine and not started:  # forgotten: it never ran
                 self._x(cur, f"DELETE FROM {a} WHERE invocation = ? AND number = ?",
                         (claim.id, claim.attempt))
+            else:
+                # Interrupted; or no longer ours (cancelled meanwhile): the attempt stays in the
+                # history, ended and not charged, never "running" forever.
+                self._x(cur, f"UPDATE {a} SET ended = ?, outcome = 'CANCELLED', error = ?, "
+                             "charged = 0 WHERE invocation = ? AND number = ? AND ended IS NULL",
+                        (now, _error_json(error if started else NOT_STARTED_ERROR), claim.id,
+                         claim.attempt))
             if not mine:
                 return
             self._x(cur, f"""UPDATE {t} SET state = 'QUEUED', charged = charged - 1,
@@ -824,14 +847,24 @@ class SqlQueue(abc.ABC):
                     lost.append(claim)
         return lost
 
-    def purge(self, now: float) -> int:
-        """Delete terminal invocations past their retention; returns how many."""
+    def purge(self, now: float, batch: int = 500) -> int:
+        """Delete terminal invocations past their retention, with their attempts; returns how
+        many. The rows are locked first and deleted by id, a batch per transaction: one
+        redriven meanwhile (its ``purge_at`` cleared) keeps its history."""
         t, a = self.TABLE, self.ATTEMPTS
-        with self._transaction() as cur:
-            self._x(cur, f"DELETE FROM {a} WHERE invocation IN (SELECT id FROM {t} WHERE "
-                         "purge_at <= ?)", (now,))
-            cur = self._x(cur, f"DELETE FROM {t} WHERE purge_at <= ?", (now,))
-            return int(cur.rowcount)
+        total = 0
+        while True:
+            with self._transaction() as cur:
+                ids = [row[0] for row in self._x(
+                    cur, f"SELECT id FROM {t} WHERE purge_at <= ? LIMIT ?{self.LOCK}",
+                    (now, batch)).fetchall()]
+                if ids:
+                    marks = ", ".join(["?"] * len(ids))
+                    self._x(cur, f"DELETE FROM {a} WHERE invocation IN ({marks})", ids)
+                    self._x(cur, f"DELETE FROM {t} WHERE id IN ({marks})", ids)
+            total += len(ids)
+            if len(ids) < batch:
+                return total
 
     def next_due(self) -> float | None:
         """The earliest time something becomes due: a queued invocation's ``not_before``, a
@@ -874,9 +907,10 @@ class _Running:
     abandoned: bool = False
 
 
-#: How long after its submission an invocation whose function this runtime does not know is put
-#: back without charging an attempt (the function may be on its way: a deploy elsewhere in the
-#: fleet, a restart registering its functions again); after it, such attempts count.
+#: How long after its submission, or after this dispatcher started if that is later, an
+#: invocation whose function this runtime does not know is put back without charging an attempt
+#: (the function may be on its way: a deploy elsewhere in the fleet, a restart registering its
+#: functions again); after it, such attempts count.
 UNKNOWN_GRACE_S = 300.0
 
 #: Log levels of the queue's events (the rest: INFO).
@@ -916,9 +950,11 @@ class Dispatcher:
         #: ids whose terminal state was recorded here, and waiters on them
         self._waiters: dict[str, list[asyncio.Future[None]]] = {}
         self._listener: asyncio.Task[None] | None = None
+        self._started_at = time.time()
 
     # -- lifecycle --------------------------------------------------------------------------
     async def start(self) -> None:
+        self._started_at = time.time()
         if self.queue.single_owner:
             expired = await self._call(self.queue.expire_leases, time.time())
             if expired:
@@ -938,9 +974,14 @@ class Dispatcher:
         if self._stopping:
             return
         self._stopping = True
-        for task in self._tasks[:1]:
-            task.cancel()
-        await asyncio.gather(*self._tasks[:1], return_exceptions=True)
+        # The loop ends by itself at its next turn: cancelled inside a claim, it would leave
+        # the rows that claim commits RUNNING with nobody to run them (charged CRASHED later).
+        self._wake.set()
+        if self._tasks:
+            _, late = await asyncio.wait(self._tasks[:1], timeout=60)
+            for task in late:  # a database that does not answer
+                task.cancel()
+            await asyncio.gather(*self._tasks[:1], return_exceptions=True)
         if self._attempts and grace_s > 0:
             await asyncio.wait(set(self._attempts), timeout=grace_s)
         for running in list(self._running.values()):
@@ -1018,10 +1059,19 @@ class Dispatcher:
                 self._wake.clear()
                 free = self.concurrency - len(self._running)
                 now = time.time()
+                mine = {(r.claim.id, r.claim.attempt) for r in self._running.values()}
                 claims, events = await self._call(self.queue.claim, self.owner, self.node,
-                                                  free, now, self.lease_s)
+                                                  free, now, self.lease_s, mine)
                 self.record(events)
                 for claim in claims:
+                    earlier = self._running.get(claim.id)
+                    if earlier is not None:
+                        # Our own attempt whose lease lapsed (renewals failed, the loop
+                        # stalled): the claim recorded it CRASHED and this is the retry. The
+                        # old worker must not run on beside it.
+                        earlier.abandoned = True
+                        if earlier.handle is not None:
+                            earlier.handle.cancel()
                     running = self._running[claim.id] = _Running(claim)
                     task = asyncio.create_task(self._attempt(running))
                     self._attempts.add(task)
@@ -1029,6 +1079,8 @@ class Dispatcher:
                 if now - self._counts_at >= 1.0:
                     self._counts = await self._call(self.queue.counts)
                     self._counts_at = now
+                if self._stopping:
+                    break
                 if len(claims) >= free:
                     await self._wait(self.poll_s)  # full: an attempt's end wakes us
                     continue
@@ -1110,16 +1162,14 @@ class Dispatcher:
                                              content_type=claim.content_type,
                                              limits=claim.limits, id=claim.id)
             except (Overloaded, ShuttingDown):
-                await self._call(self.queue.release, claim, self.owner, time.time(),
-                                 started=False, delay_s=0.1)
+                await self._record(self.queue.release, claim, started=False, delay_s=0.1)
                 return
             except FunctionNotFound as exc:
-                if time.time() - claim.created < UNKNOWN_GRACE_S:
+                if time.time() - max(claim.created, self._started_at) < UNKNOWN_GRACE_S:
                     # Not known here yet: a fleet replica that has not loaded a new
                     # deployment, or a restart before its functions are registered again.
                     # Not charged; tried again in a second.
-                    await self._call(self.queue.release, claim, self.owner, time.time(),
-                                     started=False, delay_s=1.0)
+                    await self._record(self.queue.release, claim, started=False, delay_s=1.0)
                 else:  # deleted, most likely: a failed attempt, retried then dead-lettered
                     await self._finish(claim, None, ErrorInfo("FunctionNotFound", str(exc)))
                 return
@@ -1136,8 +1186,7 @@ class Dispatcher:
                 return
             if (result.outcome is Outcome.CANCELLED and self._stopping
                     and not running.abandoned):
-                await self._call(self.queue.release, claim, self.owner, time.time(),
-                                 started=True)
+                await self._record(self.queue.release, claim, started=True)
                 return
             await self._finish(claim, result, None)
         except asyncio.CancelledError:
@@ -1148,16 +1197,40 @@ class Dispatcher:
                       extra={"event": "async_error",
                              "fields": {"id": claim.id, "error": f"{type(exc).__name__}: {exc}"}})
         finally:
-            self._running.pop(claim.id, None)
+            if self._running.get(claim.id) is running:  # not a later attempt's entry
+                del self._running[claim.id]
             self._wake.set()
+
+    async def _record(self, method: Any, claim: Claim, *args: Any, **kwargs: Any) -> Any:
+        """``method(claim, owner, now, *args, **kwargs)``: how an attempt ended, into the queue,
+        tried again while the database is away (a restart, a dropped connection) for up to
+        twice the lease: the attempt stays in ``_running`` meanwhile, so its lease is renewed
+        as soon as the database answers, and a finished attempt is not later charged as
+        CRASHED for want of one write."""
+        deadline = time.monotonic() + 2 * self.lease_s
+        pause = 0.05
+        while True:
+            try:
+                return await self._call(method, claim, self.owner, time.time(), *args,
+                                        **kwargs)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if time.monotonic() + pause > deadline:
+                    raise
+                log.warning("async attempt %s of %s: not recorded yet, trying again: %s: %s",
+                            claim.attempt, claim.id, type(exc).__name__, exc,
+                            extra={"event": "async_error", "fields": {
+                                "id": claim.id, "error": f"{type(exc).__name__}: {exc}"}})
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, 2.0)
 
     async def _finish(self, claim: Claim, result: InvocationResult | None,
                       error: ErrorInfo | None) -> None:
         if result is not None and self.node:
             result = dataclasses.replace(
                 result, stats=dataclasses.replace(result.stats, node=self.node))
-        state, events = await self._call(self.queue.finish, claim, self.owner, time.time(),
-                                         result, error)
+        state, events = await self._record(self.queue.finish, claim, result, error)
         self.record(events)
         if state is not None and state in TERMINAL_STATES:
             self._finished(claim.id)

@@ -76,6 +76,9 @@ class PostgresQueue(SqlQueue):
             self._pool = ConnectionPool(self.url, min_size=self.min_connections,
                                         max_size=self.max_connections,
                                         kwargs={"autocommit": True}, open=False,
+                                        # a connection is checked when taken: after a
+                                        # database restart none handed out is dead
+                                        check=ConnectionPool.check_connection,
                                         name="sandbox-async")
             self._pool.open(wait=True, timeout=30.0)
             super().open()
@@ -119,7 +122,7 @@ class PostgresQueue(SqlQueue):
         if self._pool is None:
             return False
         if self._listener is None or self._listener.closed:
-            self._listener = psycopg.connect(self.url, autocommit=True)
+            self._listener = psycopg.connect(self.url, autocommit=True, connect_timeout=10)
             self._listener.execute(f"LISTEN {CHANNEL}")
         got = False
         for _ in self._listener.notifies(timeout=timeout, stop_after=1):

@@ -299,6 +299,96 @@ def test_cancel_redrive_age_and_retention(make_queue: Callable[..., SqlQueue]) -
     assert {i.state for i in queue.page(state=C)[0]} == {C}
 
 
+def test_each_redrive_gives_the_policys_event_age_from_then(
+        make_queue: Callable[..., SqlQueue]) -> None:
+    queue = make_queue()
+    queue.open()
+    t0 = time.time()
+    letter = _item(max_retries=0, max_event_age_s=100.0)
+    queue.submit(letter, t0)
+    (claim,), _ = queue.claim("me", "n", 8, t0, 30.0)
+    queue.finish(claim, "me", t0 + 1, _result(claim, Outcome.FUNCTION_ERROR))
+    for at in (t0 + 500, t0 + 5000, t0 + 50000):
+        assert queue.redrive(letter.id, at)[0].state is Q
+        queue.claim("me", "n", 0, at + 99, 30.0)  # n=0: ages out, takes nothing
+        assert queue.get(letter.id).state is Q
+        queue.claim("me", "n", 0, at + 101, 30.0)
+        aged = queue.get(letter.id)
+        # Before: each redrive gave the span since submission again (600 s, then 5,600 s).
+        assert aged.state is D and aged.reason == AGED_OUT, (at - t0, aged)
+
+
+def test_an_attempt_of_a_cancelled_invocation_always_ends(
+        make_queue: Callable[..., SqlQueue]) -> None:
+    queue = make_queue()
+    queue.open()
+    t0 = time.time()
+    # Claimed, then cancelled before the claimer started it: the claimer gives it back.
+    first = _item()
+    queue.submit(first, t0)
+    (claim,), _ = queue.claim("me", "n", 8, t0, 30.0)
+    queue.cancel(first.id, t0 + 1)
+    queue.release(claim, "me", t0 + 2, started=False)
+    (attempt,) = queue.get(first.id).attempts
+    assert attempt.ended is not None and attempt.outcome is Outcome.CANCELLED
+    assert not attempt.charged and attempt.error is not None
+    # Cancelled while running on a replica that then died: once the lease it held is over,
+    # the next claim (by anyone) ends the attempt CRASHED instead of "running" forever.
+    second = _item()
+    queue.submit(second, t0)
+    (claim,), _ = queue.claim("gone", "n", 8, t0, 30.0)
+    queue.cancel(second.id, t0 + 1)
+    queue.claim("other", "n", 8, t0 + 10, 30.0)
+    assert queue.get(second.id).attempts[0].ended is None  # its holder may still record it
+    queue.claim("other", "n", 8, t0 + 31, 30.0)
+    after = queue.get(second.id)
+    assert after.state is C and [(a.outcome, a.ended) for a in after.attempts] \
+        == [(Outcome.CRASHED, t0 + 31)]
+
+
+def test_an_owner_keeps_its_running_attempt_when_its_lease_lapsed(
+        make_queue: Callable[..., SqlQueue]) -> None:
+    """The database was away longer than the lease: the owner, still running the attempt,
+    does not take it from itself, and renews it when it can; anyone else may take it over
+    while the lease is lapsed."""
+    queue = make_queue()
+    queue.open()
+    t0 = time.time()
+    item = _item(max_retries=0)
+    queue.submit(item, t0)
+    (claim,), _ = queue.claim("me", "n", 8, t0, 30.0)
+    assert queue.claim("me", "n", 8, t0 + 31, 30.0, {(item.id, 1)}) == ([], [])
+    assert queue.renew("me", [claim], t0 + 31, 30.0) == []  # renewed: until t0 + 61
+    assert queue.claim("other", "n", 8, t0 + 40, 30.0) == ([], [])
+    assert queue.get(item.id).state is R
+    queue.claim("other", "n", 8, t0 + 62, 30.0)  # lapsed again, and "me" says nothing
+    assert queue.get(item.id).state is D
+    assert queue.renew("me", [claim], t0 + 63, 30.0) == [claim]  # lost: kill the worker
+
+
+def test_purge_takes_attempts_with_their_invocations_in_batches(
+        make_queue: Callable[..., SqlQueue]) -> None:
+    queue = make_queue()
+    queue.open()
+    t0 = time.time()
+    items = [_item(max_retries=0, retention_s=10.0) for _ in range(5)]
+    kept = _item(max_retries=0, retention_s=10.0)
+    for item in [*items, kept]:
+        queue.submit(item, t0)
+    claims, _ = queue.claim("me", "n", 8, t0, 30.0)
+    for claim in claims:
+        queue.finish(claim, "me", t0 + 1, _result(claim, Outcome.FUNCTION_ERROR))
+    queue.redrive(kept.id, t0 + 2)  # back in the queue: kept, with its history
+    assert queue.purge(t0 + 12, batch=2) == 5
+    for item in items:
+        with pytest.raises(InvocationNotFound):
+            queue.get(item.id)
+    assert [a.number for a in queue.get(kept.id).attempts] == [1]
+    with queue._transaction() as cur:
+        left = queue._x(cur, f"SELECT DISTINCT invocation FROM {queue.ATTEMPTS}").fetchall()
+    assert left == [(kept.id,)]
+
+
 # ---------------------------------------------------------------------------------------------
 # Through the runtime
 
@@ -422,6 +512,179 @@ def test_an_attempt_cut_short_by_a_graceful_close_is_not_charged(tmp_path: Path)
         assert done.state is S, done  # max_retries=0, yet it ran again: not charged
         assert [(a.outcome, a.charged) for a in done.attempts] == [
             (Outcome.CANCELLED, False), (Outcome.OK, True)]
+
+
+def test_an_outcome_is_recorded_when_the_database_fails_a_moment(tmp_path: Path) -> None:
+    """Recording how an attempt ended fails twice (a dropped connection): it is tried again,
+    and the invocation succeeds once, not charged CRASHED when its lease runs out."""
+
+    class Flaky(SqliteQueue):
+        failures = 2
+
+        def finish(self, *args: Any, **kwargs: Any) -> Any:
+            if self.failures:
+                self.failures -= 1
+                raise OSError("connection lost")
+            return super().finish(*args, **kwargs)
+
+    queue = Flaky(tmp_path / "state")
+
+    async def main() -> None:
+        async with AsyncRuntime(min_idle=1, isolation="off", async_queue=queue) as rt:
+            rt.register("f", source=OK_SRC, async_policy={"max_retries": 0})
+            queued = await rt.invoke_async("f", 1)
+            done = await rt.wait_invocation(queued.id, 30)
+            assert done.state is S and [a.outcome for a in done.attempts] == [Outcome.OK]
+            assert queue.failures == 0
+
+    asyncio.run(main())
+
+
+def test_a_graceful_stop_in_the_middle_of_a_claim_charges_nothing(tmp_path: Path) -> None:
+    """The stop comes while the dispatch loop waits for a claim that commits: the loop is not
+    cut off there (its rows would stay RUNNING with nobody to run them, then be charged
+    CRASHED at the next start); the claimed attempt runs within the grace period."""
+    import threading
+
+    class Held(SqliteQueue):
+        """Holds the dispatch loop's first claim that took something, after its commit (the
+        rows are RUNNING), until the test lets it go on."""
+
+        armed = False
+        claimed = threading.Event()
+        go_on = threading.Event()
+
+        async def run(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+            answer = await super().run(fn, *args, **kwargs)
+            if getattr(fn, "__name__", "") == "claim" and answer[0] and self.armed:
+                self.armed = False
+                self.claimed.set()
+                assert await asyncio.to_thread(self.go_on.wait, 30)
+            return answer
+
+    state = tmp_path / "state"
+    queue = Held(state)
+
+    async def first() -> str:
+        async with AsyncRuntime(min_idle=1, isolation="off", async_queue=queue) as rt:
+            rt.register("f", source=OK_SRC, async_policy={"max_retries": 0})
+            queue.armed = True
+            ident = (await rt.invoke_async("f", 1)).id
+            assert await asyncio.to_thread(queue.claimed.wait, 30)
+            dispatcher = rt._dispatcher
+            assert dispatcher is not None
+            stopping = asyncio.create_task(dispatcher.stop(grace_s=10))
+            await asyncio.sleep(0)  # stop() runs up to its first wait
+            queue.go_on.set()
+            await stopping
+            return ident
+
+    async def second(ident: str) -> None:
+        async with AsyncRuntime(min_idle=1, isolation="off", state_dir=state) as rt:
+            rt.register("f", source=OK_SRC, async_policy={"max_retries": 0})
+            done = await rt.wait_invocation(ident, 30)
+            assert done.state is S, done
+            assert [a.outcome for a in done.attempts] == [Outcome.OK], done.attempts
+
+    asyncio.run(second(asyncio.run(first())))
+
+
+def test_a_restart_gives_old_invocations_time_to_find_their_function(tmp_path: Path) -> None:
+    """Queued long ago (a backlog, a long outage): after a restart the dispatcher may claim one
+    before the server has registered its functions again. The grace for an unknown function
+    counts from the start too, not only from the submission."""
+    import threading
+
+    state = tmp_path / "state"
+    early = SqliteQueue(state)
+    early.open()
+    item = NewInvocation(new_id(), "f", 1, b"\x01", "application/msgpack", None,
+                         AsyncPolicy(max_retries=0), None)
+    early.submit(item, time.time() - 3600)
+    early.shutdown()
+
+    class Watched(SqliteQueue):
+        given_back = threading.Event()
+
+        def release(self, *args: Any, **kwargs: Any) -> None:
+            super().release(*args, **kwargs)
+            self.given_back.set()
+
+    queue = Watched(state)
+
+    async def main() -> None:
+        async with AsyncRuntime(min_idle=1, isolation="off", async_queue=queue) as rt:
+            # Claimed while "f" is unknown here: given back, not charged.
+            assert await asyncio.to_thread(queue.given_back.wait, 30)
+            rt.register("f", source=OK_SRC)
+            done = await rt.wait_invocation(item.id, 30)
+            assert done.state is S, done
+            assert [a.outcome for a in done.attempts] == [Outcome.OK]
+
+    asyncio.run(main())
+
+
+def test_renewals_failing_past_the_lease_do_not_crash_a_running_attempt(
+        tmp_path: Path) -> None:
+    """Renewals fail for twice the lease while the attempt runs; the dispatcher neither takes
+    the attempt from itself nor runs a second copy beside it: one attempt, OK."""
+
+    class Blip(SqliteQueue):
+        failing_until = 0.0
+
+        def renew(self, *args: Any, **kwargs: Any) -> Any:
+            if time.time() < self.failing_until:
+                raise OSError("connection lost")
+            return super().renew(*args, **kwargs)
+
+    queue = Blip(tmp_path / "state")
+
+    async def main() -> None:
+        async with AsyncRuntime(min_idle=1, isolation="off", async_queue=queue,
+                                async_lease_s=1.0) as rt:
+            rt.register("sleep", source=SLEEP_SRC, async_policy={"max_retries": 3,
+                                                                  "backoff_initial_s": 0.0})
+            queue.failing_until = time.time() + 2.0
+            queued = await rt.invoke_async("sleep", 3.0)
+            done = await rt.wait_invocation(queued.id, 60)
+            assert done.state is S, done
+            assert [a.outcome for a in done.attempts] == [Outcome.OK], done.attempts
+
+    asyncio.run(main())
+
+
+def test_the_postgresql_queue_survives_a_database_restart() -> None:
+    """PostgreSQL restarts while an attempt runs: the pool hands out no dead connection and
+    the outcome is recorded; the attempt is neither charged CRASHED nor run twice. (A server
+    of its own: a restarted one has new processes, which must be gone when the test ends.)"""
+    from postgres import Postgres, unavailable
+
+    from sandbox.asyncq_pg import PostgresQueue
+
+    reason = unavailable()
+    if reason is not None:
+        pytest.skip(reason)
+
+    async def main(pg: Any) -> None:
+        url = pg.database()
+        async with AsyncRuntime(min_idle=1, isolation="off", node="a",
+                                async_queue=PostgresQueue(url)) as rt:
+            rt.register("sleep", source=SLEEP_SRC, async_policy={"max_retries": 0})
+            queued = await rt.invoke_async("sleep", 2.0)
+            while (await rt.invocation(queued.id)).state is not R:
+                await asyncio.sleep(0.02)
+            # Every pooled connection used once, so each would be stale after the restart.
+            await asyncio.gather(*(rt.invocation(queued.id) for _ in range(16)))
+            await asyncio.to_thread(pg.stop)
+            await asyncio.to_thread(pg.start)
+            done = await rt.wait_invocation(queued.id, 60)
+            assert done.state is S, done
+            assert [a.outcome for a in done.attempts] == [Outcome.OK], done.attempts
+            again = await rt.invoke_async("sleep", 0.0)
+            assert (await rt.wait_invocation(again.id, 30)).state is S
+
+    with Postgres() as server:
+        asyncio.run(main(server))
 
 
 def test_two_replicas_share_the_postgresql_queue(pg: Any) -> None:

@@ -72,10 +72,14 @@ class PostgresQueue(SqlQueue):
         import psycopg
         from psycopg_pool import ConnectionPool
 
+        from sandbox.pgstore import connection_kwargs
+
         try:
             self._pool = ConnectionPool(self.url, min_size=self.min_connections,
                                         max_size=self.max_connections,
-                                        kwargs={"autocommit": True}, open=False,
+                                        kwargs=connection_kwargs(self.url,
+                                                                  autocommit=True),
+                                        open=False,
                                         # a connection is checked when taken: after a
                                         # database restart none handed out is dead
                                         check=ConnectionPool.check_connection,
@@ -119,10 +123,13 @@ class PostgresQueue(SqlQueue):
     def wait_notified(self, timeout: float) -> bool:
         import psycopg
 
+        from sandbox.pgstore import connection_kwargs
+
         if self._pool is None:
             return False
         if self._listener is None or self._listener.closed:
-            self._listener = psycopg.connect(self.url, autocommit=True, connect_timeout=10)
+            self._listener = psycopg.connect(self.url, **connection_kwargs(
+                self.url, autocommit=True, connect_timeout=10))
             self._listener.execute(f"LISTEN {CHANNEL}")
         got = False
         for _ in self._listener.notifies(timeout=timeout, stop_after=1):

@@ -86,6 +86,67 @@ CONNECT_TIMEOUT_S = 5.0
 START_TIMEOUT_S = 10.0
 #: The listener's reconnection backoff, seconds: doubles from the first to the second.
 RECONNECT_BACKOFF_S = (0.2, 5.0)
+#: How often the idle listener asks the database something, so a connection that died
+#: silently (a failover, a restart behind a partition) is noticed, and a full re-read done.
+PING_EVERY_S = 10.0
+#: libpq parameters of every connection: TCP keepalives notice a peer that is gone while the
+#: connection is idle, ``tcp_user_timeout`` one that stops acknowledging what we send, and
+#: ``statement_timeout`` a query the server never finishes; so none of these holds a deploy
+#: (and the locks it holds) for the kernel's two hours. A URL's own values are kept.
+LIVENESS: dict[str, Any] = {"keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5,
+                            "keepalives_count": 3, "tcp_user_timeout": 30_000}
+STATEMENT_TIMEOUT_MS = 60_000
+#: How long a liveness check (the listener's ping, the pool's check of a connection it hands
+#: out) may wait for its answer before the connection is cut: this also catches a peer that
+#: acknowledges every packet and answers nothing (a proxy or balancer whose backend is gone),
+#: which no TCP timeout notices.
+CHECK_TIMEOUT_S = 5.0
+
+
+@contextlib.contextmanager
+def _answered_within(conn: psycopg.Connection[Any], seconds: float) -> Iterator[None]:
+    """Cut ``conn``'s socket if the block has not finished within ``seconds``: a read blocked
+    on it then fails at once (``OperationalError``) instead of waiting forever."""
+    import os
+    import socket
+
+    def cut() -> None:
+        with contextlib.suppress(Exception), \
+                socket.socket(fileno=os.dup(conn.pgconn.socket)) as sock:
+            sock.shutdown(socket.SHUT_RDWR)
+
+    timer = threading.Timer(seconds, cut)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+
+
+def _check(conn: psycopg.Connection[Any]) -> None:
+    """The pool's check of a connection before handing it out, answered within
+    :data:`CHECK_TIMEOUT_S` (or the connection is discarded, and another one made)."""
+    from psycopg_pool import ConnectionPool
+
+    with _answered_within(conn, CHECK_TIMEOUT_S):
+        ConnectionPool.check_connection(conn)
+
+
+class _SchemaError(ConfigurationError):
+    """The database's schema is one this version cannot use: fatal for the store."""
+
+
+def connection_kwargs(url: str, **kwargs: Any) -> dict[str, Any]:
+    """``kwargs`` plus :data:`LIVENESS` and the statement timeout, less what ``url`` sets."""
+    from psycopg.conninfo import conninfo_to_dict
+
+    given = conninfo_to_dict(url)
+    extra = {k: v for k, v in LIVENESS.items() if k not in given}
+    options = str(given.get("options", ""))
+    if "statement_timeout" not in options:
+        extra["options"] = f"{options} -c statement_timeout={STATEMENT_TIMEOUT_MS}".strip()
+    return {**extra, **kwargs}
 
 
 def is_postgres_url(store: str) -> bool:
@@ -134,6 +195,15 @@ class PostgresStore:
     def __init__(self, url: str, state_dir: str | Path, *, node: str = "",
                  max_source_bytes: int = 64 * 1024 * 1024,
                  start_timeout_s: float = START_TIMEOUT_S) -> None:
+        from psycopg.conninfo import conninfo_to_dict
+
+        try:
+            conninfo_to_dict(url)
+        except Exception:  # refused here, before a pool logs the text (and its password)
+            raise ConfigurationError(
+                "the function store's URL is not a valid PostgreSQL connection URL "
+                "(postgresql://user:password@host:port/dbname; a password's special "
+                "characters percent-encoded)") from None
         self.url = url
         self.node = node
         self.cache = FunctionStore(state_dir, max_source_bytes=max_source_bytes)
@@ -163,10 +233,11 @@ class PostgresStore:
 
         pool: ConnectionPool[Any] = ConnectionPool(
             self.url, min_size=1, max_size=4, open=False, timeout=CONNECT_TIMEOUT_S,
-            check=ConnectionPool.check_connection, name="sandbox-store",
+            check=_check, name="sandbox-store",
             reconnect_timeout=RECONNECT_BACKOFF_S[1] * 6,
-            kwargs={"connect_timeout": int(CONNECT_TIMEOUT_S), "autocommit": False,
-                    "application_name": f"sandbox {self.node}".strip()})
+            kwargs=connection_kwargs(self.url, connect_timeout=int(CONNECT_TIMEOUT_S),
+                                      autocommit=False,
+                                      application_name=f"sandbox {self.node}".strip()))
         pool.open(wait=False)
         return pool
 
@@ -349,11 +420,18 @@ class PostgresStore:
         try:
             with self._pool.connection(timeout) as conn, conn.transaction():
                 yield conn
-        except (PoolTimeout, psycopg.OperationalError) as exc:
+        except PoolTimeout as exc:
             raise StoreUnavailable(
                 f"the function store {self.describe()} is unavailable ({_first_line(exc)}); "
                 "nothing was changed: try again when it is back (calls of deployed functions "
                 "go on meanwhile)") from exc
+        except psycopg.OperationalError as exc:
+            # Lost during the transaction: its commit may or may not have landed.
+            raise StoreUnavailable(
+                f"the function store {self.describe()} is unavailable ({_first_line(exc)}); "
+                "the change may not have been made: look before doing it again (a Deploy "
+                "repeated is idempotent; calls of deployed functions go on meanwhile)"
+                ) from exc
 
     def _notify(self, conn: psycopg.Connection[Any], op: str, name: str,
                 versions: list[int]) -> None:
@@ -377,20 +455,23 @@ class PostgresStore:
         reconnection) from the database into the mirror; tell the listeners what changed.
         A notification names its function, so a deploy costs a read of that function's
         versions, not of the whole store."""
-        with self._sync:
-            with conn.transaction():
-                if names is None:
-                    rows = conn.execute("SELECT name, meta FROM sandbox_versions "
-                                        "ORDER BY name, version").fetchall()
-                    nexts = dict(conn.execute("SELECT name, next_version FROM "
-                                              "sandbox_functions").fetchall())
-                else:
-                    wanted = sorted(names)
-                    rows = conn.execute("SELECT name, meta FROM sandbox_versions WHERE name = "
-                                        "ANY(%s) ORDER BY name, version", (wanted,)).fetchall()
-                    nexts = dict(conn.execute("SELECT name, next_version FROM "
-                                              "sandbox_functions WHERE name = ANY(%s)",
-                                              (wanted,)).fetchall())
+        with self._sync, conn.transaction():
+            # One snapshot for the versions and their bundles (the listener's connection is
+            # REPEATABLE READ): a delete committed between two reads cannot leave a version
+            # whose bundle is gone. Bundles are fetched here, not under the mirror's lock,
+            # which the event loop's reads take.
+            if names is None:
+                rows = conn.execute("SELECT name, meta FROM sandbox_versions "
+                                    "ORDER BY name, version").fetchall()
+                nexts = dict(conn.execute("SELECT name, next_version FROM "
+                                          "sandbox_functions").fetchall())
+            else:
+                wanted = sorted(names)
+                rows = conn.execute("SELECT name, meta FROM sandbox_versions WHERE name = "
+                                    "ANY(%s) ORDER BY name, version", (wanted,)).fetchall()
+                nexts = dict(conn.execute("SELECT name, next_version FROM "
+                                          "sandbox_functions WHERE name = ANY(%s)",
+                                          (wanted,)).fetchall())
             functions = [] if names is None else [
                 fn for fn in self.cache.functions(all_versions=True) if fn.name not in names]
             for name, meta in rows:
@@ -401,12 +482,15 @@ class PostgresStore:
                               name, exc)
 
             def fetch(digests: list[str]) -> dict[str, bytes]:
-                with conn.transaction():
-                    found = conn.execute("SELECT digest, content FROM sandbox_bundles WHERE "
-                                         "digest = ANY(%s)", (digests,)).fetchall()
+                found = conn.execute("SELECT digest, content FROM sandbox_bundles WHERE "
+                                     "digest = ANY(%s)", (digests,)).fetchall()
                 return {str(d): bytes(c) for d, c in found}
 
-            added, removed = self.cache.mirror(functions, nexts, fetch)
+            missing = sorted({fn.digest for fn in self.cache.unmirrored(functions)})
+            fetched = fetch(missing) if missing else {}
+            added, removed = self.cache.mirror(
+                functions, nexts,
+                lambda digests: {d: fetched[d] for d in digests if d in fetched})
         if added or removed:
             log.info("function store: %d version(s) added, %d removed by other nodes",
                      len(added), len(removed),
@@ -427,11 +511,11 @@ class PostgresStore:
         backoff = RECONNECT_BACKOFF_S[0]
         while not self._closed.is_set():
             try:
-                with psycopg.connect(self.url, autocommit=True,
-                                     connect_timeout=int(CONNECT_TIMEOUT_S),
-                                     application_name=f"sandbox {self.node} listener".strip()
-                                     ) as conn:
+                with psycopg.connect(self.url, **connection_kwargs(
+                        self.url, autocommit=True, connect_timeout=int(CONNECT_TIMEOUT_S),
+                        application_name=f"sandbox {self.node} listener".strip())) as conn:
                     _migrate(conn)
+                    conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
                     conn.execute(f"LISTEN {CHANNEL}")
                     self._refresh(conn)
                     if self._outage:
@@ -445,6 +529,7 @@ class PostgresStore:
                                         "fields": {"store": self.describe()}})
                     self._connected.set()
                     backoff = RECONNECT_BACKOFF_S[0]
+                    pinged = time.monotonic()
                     while not self._closed.is_set():
                         # Back at once with the first notification (the others queued
                         # meanwhile are read by the same refresh, or wake the next turn);
@@ -454,11 +539,23 @@ class PostgresStore:
                             names.add(_notified_name(note.payload))
                         if names:
                             self._refresh(conn, None if "" in names else names)
-            except ConfigurationError as exc:  # a schema we do not understand: fatal
+                        elif time.monotonic() - pinged >= PING_EVERY_S:
+                            with _answered_within(conn, CHECK_TIMEOUT_S):
+                                conn.execute("SELECT 1")  # a dead connection fails here
+                            pinged = time.monotonic()
+            except _SchemaError as exc:  # a schema we do not understand: fatal
                 self._schema_error = exc
                 self._closed.set()
                 self._connected.set()
                 return
+            except ConfigurationError as exc:
+                # The mirror could not take a change (a bundle that does not match its
+                # digest): said, and read again from the start after the backoff.
+                log.error("function store %s: %s; reading it again", self.describe(), exc,
+                          extra={"event": "store_sync_failed",
+                                 "fields": {"store": self.describe(), "error": str(exc)}})
+                self._closed.wait(backoff)
+                backoff = min(backoff * 2, RECONNECT_BACKOFF_S[1])
             except (psycopg.Error, OSError) as exc:
                 if self._closed.is_set():
                     return
@@ -484,7 +581,7 @@ def _migrate(conn: psycopg.Connection[Any]) -> None:
         row = conn.execute("SELECT version FROM sandbox_schema").fetchone()
         current = 0 if row is None else int(row[0])
         if current > SCHEMA_VERSION:
-            raise ConfigurationError(
+            raise _SchemaError(
                 f"the function store's schema is version {current}, newer than this sandbox "
                 f"understands ({SCHEMA_VERSION}): upgrade sandbox on this node")
         for step in range(current, SCHEMA_VERSION):

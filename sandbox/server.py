@@ -247,16 +247,24 @@ class SandboxServicer(pb_grpc.SandboxServicer):
             modules = sorted(set(request.preload))
             async with self._deploy_lock:  # one deployment at a time keeps store and runtime
                 # in step (a new profile's zygote must start before the function is stored)
-                latest = await asyncio.to_thread(_latest_if_same, self.store, request, fmt,
-                                                 limits)
-                if latest is not None:  # idempotent: this deployment is the latest already
-                    return pb.DeployResponse(function=self._function(
-                        await self._registered(latest)))
+                if isinstance(self.store, FunctionStore):
+                    # This node's own store: idempotent here. A shared store answers that
+                    # itself, from the database (a mirror may be a moment behind).
+                    latest = await asyncio.to_thread(_latest_if_same, self.store, request,
+                                                     fmt, limits)
+                    if latest is not None:  # this deployment is the latest already
+                        return pb.DeployResponse(function=self._function(
+                            await self._registered(latest)))
                 await self._ensure_profile(modules)
                 stored = await asyncio.to_thread(
                     self.store.deploy, request.name, request.source, handler=request.handler,
                     preload=list(request.preload), limits=limits,
                     source_format=fmt, reuse=request.reuse, async_policy=async_policy)
+                with contextlib.suppress(FunctionNotFound):
+                    # Served here already: the latest version, this same deployment, which
+                    # the shared store returned (never deleted for a failure of ours).
+                    info = self.runtime.function(stored.name, stored.version)
+                    return pb.DeployResponse(function=self._function(info))
                 try:
                     info = self._register(stored)
                 except BaseException:
@@ -426,16 +434,23 @@ class SandboxServicer(pb_grpc.SandboxServicer):
         the changes other nodes make to a shared store."""
         if self.store is None:
             return
-        for stored in self.store.functions(all_versions=True):
-            await self._ensure_profile(sorted(set(stored.preload)))
-            self._register(stored)
         loop = asyncio.get_running_loop()
 
         def changed(added: list[StoredFunction], removed: list[StoredFunction]) -> None:
             # The store's listener thread: hand the change to the loop.
             loop.call_soon_threadsafe(self._follow, added, removed)
 
+        # Followed before the snapshot is taken, so a change made while the snapshot is
+        # registered is not lost; it is applied after (it waits for the lock), and what the
+        # snapshot registered already is skipped.
         self.store.watch(changed)
+        async with self._deploy_lock:
+            registered = {(f.name, f.version) for f in self.runtime.functions()}
+            for stored in self.store.functions(all_versions=True):
+                if (stored.name, stored.version) in registered:
+                    continue
+                await self._ensure_profile(sorted(set(stored.preload)))
+                self._register(stored)
 
     def _follow(self, added: list[StoredFunction], removed: list[StoredFunction]) -> None:
         task = asyncio.get_running_loop().create_task(self._follow_store(added, removed))

@@ -460,6 +460,15 @@ class FunctionStore:
             return [fn.version for fn in doomed]
 
     # -- a mirror of a shared store ----------------------------------------------------------
+    def unmirrored(self, functions: Sequence[StoredFunction]) -> list[StoredFunction]:
+        """Those of ``functions`` that :meth:`mirror` would need a bundle for (not mirrored
+        yet, and their bundle not here): to fetch before calling it, outside its lock."""
+        with self._lock:
+            before = {(fn.name, fn.version) for e in self._entries.values()
+                      for fn in e.versions}
+            return [fn for fn in functions if (fn.name, fn.version) not in before
+                    and not self.bundle_path(fn).is_file()]
+
     def mirror(self, functions: Sequence[StoredFunction], next_versions: dict[str, int],
                fetch: Callable[[list[str]], dict[str, bytes]]
                ) -> tuple[list[StoredFunction], list[StoredFunction]]:

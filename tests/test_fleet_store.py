@@ -255,3 +255,182 @@ def test_a_deploy_identical_to_the_latest_returns_it_through_any_store(
         t.join(60)
     assert got == [1] * 6
     assert rows(url, "SELECT count(*) FROM sandbox_versions WHERE name = 'racing'") == [(1,)]
+
+
+def test_a_delete_between_a_refresh_and_its_bundles_does_not_stop_the_follower(
+        two: tuple[PostgresStore, PostgresStore], monkeypatch: pytest.MonkeyPatch) -> None:
+    """B deletes a version (and its bundle) just after A read that version and before A
+    fetched its bundle. A reads both in one snapshot: it mirrors the version, then the delete,
+    and goes on following (before, the missing bundle stopped its listener for good)."""
+    a, b = two
+    seen = Changes(a)
+    real = a.cache.unmirrored
+    raced = threading.Event()
+
+    def racing(functions: list[StoredFunction]) -> list[StoredFunction]:
+        if not raced.is_set() and any(f.name == "x" for f in functions):
+            raced.set()
+            b.delete("x")  # committed between A's read of the versions and of the bundles
+        return real(functions)
+
+    monkeypatch.setattr(a.cache, "unmirrored", racing)
+    b.deploy("x", SOURCE_1)
+    seen.wait_for(added=("x", 1), removed=("x", 1))
+    assert raced.is_set() and a.connected
+    b.deploy("after", SOURCE_2)
+    seen.wait_for(added=("after", 1))
+    assert a.deploy("mine", SOURCE_1).version == 1  # and A's own changes go on
+
+
+def test_a_bundle_fetch_held_up_does_not_hold_up_reads_of_the_mirror(
+        two: tuple[PostgresStore, PostgresStore], url: str) -> None:
+    """A's listener waits for a bundle (the table locked by another session): meanwhile its
+    mirror answers reads at once (the server's event loop reads it)."""
+    a, b = two
+    b.deploy("kept", SOURCE_1)
+    Changes(a).wait_for(added=("kept", 1))
+    digest = hashlib.sha256(SOURCE_2).hexdigest()
+    meta = {**b.get("kept").to_dict(), "version": 1, "digest": digest,
+            "source_size_bytes": len(SOURCE_2)}
+    with psycopg.connect(url, autocommit=True) as conn:  # the bundle, before the lock
+        conn.execute("INSERT INTO sandbox_bundles (digest, content, size_bytes) VALUES "
+                     "(%s, %s, %s)", (digest, SOURCE_2, len(SOURCE_2)))
+    locker = psycopg.connect(url)
+    try:
+        locker.execute("LOCK TABLE sandbox_bundles IN ACCESS EXCLUSIVE MODE")
+        # A version of it, and the notification that makes A fetch it (the foreign key's
+        # check would wait on the lock too: off for this session).
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute("SET session_replication_role = replica")
+            conn.execute("INSERT INTO sandbox_functions VALUES ('late', 2)")
+            conn.execute("INSERT INTO sandbox_versions (name, version, digest, meta) VALUES "
+                         "('late', 1, %s, %s)", (digest, psycopg.types.json.Jsonb(meta)))
+            conn.execute("SELECT pg_notify('sandbox_functions', '{\"name\": \"late\"}')")
+            deadline = PROPAGATION_TIMEOUT_S
+            waiting: list[Any] = []
+            for _ in range(int(deadline * 20)):
+                waiting = conn.execute(
+                    "SELECT 1 FROM pg_stat_activity WHERE application_name = 'sandbox a "
+                    "listener' AND wait_event_type = 'Lock'").fetchall()
+                if waiting:
+                    break
+                threading.Event().wait(0.05)
+            assert waiting, "A's listener never waited for the bundle"
+        answered: list[StoredFunction] = []
+        reader = threading.Thread(target=lambda: answered.append(a.get("kept")))
+        reader.start()
+        reader.join(10)
+        assert answered and answered[0].name == "kept"  # while the fetch still waits
+    finally:
+        locker.close()
+
+
+def test_a_connection_that_stops_answering_is_noticed_and_replaced(
+        url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A reaches the database through a relay that, at some point, keeps every connection
+    open and answers nothing (a balancer whose backend is gone: TCP sees nothing wrong). A's
+    listener notices it at its next ping, reconnects and re-reads; a deploy through A is not
+    held on a dead connection."""
+    import select
+    import socket
+
+    import sandbox.pgstore as pgstore
+
+    monkeypatch.setattr(pgstore, "PING_EVERY_S", 0.5)
+    monkeypatch.setattr(pgstore, "CHECK_TIMEOUT_S", 1.0)
+    host, port = psycopg.conninfo.conninfo_to_dict(url)["host"], \
+        int(psycopg.conninfo.conninfo_to_dict(url)["port"])
+    listener = socket.create_server(("127.0.0.1", 0))
+    silenced: set[socket.socket] = set()
+    pairs: list[tuple[socket.socket, socket.socket]] = []
+    stop = threading.Event()
+
+    def pump(client: socket.socket, upstream: socket.socket) -> None:
+        with client, upstream:
+            while not stop.is_set() and client not in silenced:
+                ready, _, _ = select.select([client, upstream], [], [], 0.1)
+                for sock in ready:
+                    if client in silenced:
+                        break
+                    data = sock.recv(65536)
+                    if not data:
+                        return
+                    (upstream if sock is client else client).sendall(data)
+            stop.wait()  # silenced: held open, never answered
+
+    def accept() -> None:
+        while not stop.is_set():
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection((host, port))
+            pairs.append((client, upstream))
+            threading.Thread(target=pump, args=(client, upstream), daemon=True).start()
+
+    relay = threading.Thread(target=accept, daemon=True)
+    relay.start()
+    relayed = url.replace(f":{port}/", f":{listener.getsockname()[1]}/")
+    try:
+        with PostgresStore(relayed, tmp_path / "a", node="a") as a, \
+                PostgresStore(url, tmp_path / "b", node="b") as b:
+            seen = Changes(a)
+            b.deploy("before", SOURCE_1)
+            seen.wait_for(added=("before", 1))
+            silenced.update(client for client, _ in pairs)  # every connection so far
+            b.deploy("after", SOURCE_1)
+            seen.wait_for(added=("after", 1))  # through a new connection, after a re-read
+            assert a.wait_connected(PROPAGATION_TIMEOUT_S)
+            assert a.deploy("mine", SOURCE_2).version == 1  # on a fresh pool
+    finally:
+        stop.set()
+        listener.close()
+
+
+def test_an_unparsable_url_is_refused_without_showing_its_password(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    secret = "My%zzSecret"
+    with pytest.raises(ConfigurationError, match="not a valid PostgreSQL connection URL") as exc:
+        PostgresStore(f"postgresql://u:{secret}@127.0.0.1:1/db", tmp_path / "a",
+                      start_timeout_s=1.0)
+    assert secret not in str(exc.value)
+    assert not [r for r in caplog.records if secret in r.getMessage()]
+
+
+def test_a_change_made_while_a_replica_registers_its_functions_is_served(
+        url: str, tmp_path: Path) -> None:
+    """A server registers what its mirror holds at start; a version deployed elsewhere in the
+    meantime reaches the mirror during that, and is served too (before, it was never)."""
+    import asyncio
+    import time
+
+    from sandbox.runtime import AsyncRuntime
+    from sandbox.server import SandboxServicer
+
+    with PostgresStore(url, tmp_path / "b", node="b") as b:
+        b.deploy("first", SOURCE_1)
+        with PostgresStore(url, tmp_path / "a", node="a") as a:
+            seen = Changes(a)
+
+            async def main() -> None:
+                async with AsyncRuntime(min_idle=1, isolation="off") as rt:
+                    servicer = SandboxServicer(rt, a, node="a")
+                    real = servicer._ensure_profile
+                    late: list[str] = []
+
+                    async def ensure(modules: Any) -> None:
+                        if not late:  # while the snapshot is being registered
+                            late.append("late")
+                            await asyncio.to_thread(b.deploy, "late", SOURCE_2)
+                            await asyncio.to_thread(seen.wait_for, added=("late", 1))
+                        await real(modules)
+
+                    servicer._ensure_profile = ensure  # type: ignore[method-assign]
+                    await servicer.load_store()
+                    deadline = time.monotonic() + PROPAGATION_TIMEOUT_S
+                    while {f.name for f in rt.functions()} != {"first", "late"}:
+                        assert time.monotonic() < deadline, rt.functions()
+                        await asyncio.sleep(0.01)
+                    assert (await rt.invoke("late", None)).result == 2
+
+            asyncio.run(main())

@@ -101,6 +101,9 @@ STATEMENT_TIMEOUT_MS = 60_000
 #: acknowledges every packet and answers nothing (a proxy or balancer whose backend is gone),
 #: which no TCP timeout notices.
 CHECK_TIMEOUT_S = 5.0
+#: How long a deploy's or a delete's transaction may take before its socket is cut (the
+#: server's own ``statement_timeout`` ends a query it sees; this, one it never answers).
+TRANSACTION_TIMEOUT_S = STATEMENT_TIMEOUT_MS / 1000 + 30.0
 
 
 @contextlib.contextmanager
@@ -418,7 +421,8 @@ class PostgresStore:
         # Known to be away: fail fast rather than hold the caller for the whole timeout.
         timeout = CONNECT_TIMEOUT_S if self._connected.is_set() else 1.0
         try:
-            with self._pool.connection(timeout) as conn, conn.transaction():
+            with self._pool.connection(timeout) as conn, \
+                    _answered_within(conn, TRANSACTION_TIMEOUT_S), conn.transaction():
                 yield conn
         except PoolTimeout as exc:
             raise StoreUnavailable(

@@ -22,6 +22,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import functools
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -55,6 +56,7 @@ class PostgresQueue(SqlQueue):
         self.min_connections = min_connections
         self.max_connections = max_connections
         self._pool: Any = None
+        self._renewing = threading.Lock()
         self._listener: Any = None
         # Threads of its own: one per connection, and one for LISTEN.
         self._executor = concurrent.futures.ThreadPoolExecutor(
@@ -70,20 +72,10 @@ class PostgresQueue(SqlQueue):
 
     def open(self) -> None:
         import psycopg
-        from psycopg_pool import ConnectionPool
 
-        from sandbox.pgstore import connection_kwargs
 
         try:
-            self._pool = ConnectionPool(self.url, min_size=self.min_connections,
-                                        max_size=self.max_connections,
-                                        kwargs=connection_kwargs(self.url,
-                                                                  autocommit=True),
-                                        open=False,
-                                        # a connection is checked when taken: after a
-                                        # database restart none handed out is dead
-                                        check=ConnectionPool.check_connection,
-                                        name="sandbox-async")
+            self._pool = self._new_pool()
             self._pool.open(wait=True, timeout=30.0)
             super().open()
         except (psycopg.Error, Exception) as exc:
@@ -92,6 +84,33 @@ class PostgresQueue(SqlQueue):
                 raise
             raise ConfigurationError(f"cannot open the async queue in {self.description}: "
                                      f"{type(exc).__name__}: {exc}") from exc
+
+    #: How long an operation waits for a connection before it fails (and is tried again).
+    CONNECTION_TIMEOUT_S = 10.0
+
+    def _new_pool(self) -> Any:
+        from psycopg_pool import ConnectionPool
+
+        from sandbox.pgstore import connection_kwargs
+
+        return ConnectionPool(self.url, min_size=self.min_connections,
+                              max_size=self.max_connections,
+                              kwargs=connection_kwargs(self.url, autocommit=True),
+                              open=False, check=_check, timeout=self.CONNECTION_TIMEOUT_S,
+                              name="sandbox-async")
+
+    def _renew_pool(self, failed: Any) -> None:
+        """No connection came in time: a fresh pool, unless another thread made one already.
+        (After a database restart, a pool whose reconnection attempts failed while the
+        database was going down waits out a backoff that doubles up to minutes.)"""
+        with self._renewing:
+            if self._pool is not failed or failed is None:
+                return
+            pool = self._new_pool()
+            pool.open(wait=False)
+            self._pool = pool
+        with contextlib.suppress(Exception):
+            failed.close(timeout=0)
 
     def _create_schema(self, cur: Any) -> None:
         cur.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK,))
@@ -112,10 +131,17 @@ class PostgresQueue(SqlQueue):
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[Any]:
-        if self._pool is None:
+        from psycopg_pool import PoolTimeout
+
+        pool = self._pool
+        if pool is None:
             raise ConfigurationError("the async queue is closed")
-        with self._pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
-            yield cur
+        try:
+            with pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
+                yield cur
+        except PoolTimeout:
+            self._renew_pool(pool)
+            raise
 
     def _notify(self, cur: Any) -> None:
         cur.execute(f"NOTIFY {CHANNEL}")
@@ -135,6 +161,24 @@ class PostgresQueue(SqlQueue):
         for _ in self._listener.notifies(timeout=timeout, stop_after=1):
             got = True
         return got
+
+
+def _check(conn: Any) -> None:
+    """The pool's check of a connection before handing it out, without a round trip (one per
+    operation cost a third of a busy queue's throughput): an idle connection has nothing to
+    read, so a readable socket means the server closed it or said why it is about to (a
+    restart, an administrator's termination); the pool then makes another one. A peer that
+    vanished silently is left to TCP keepalives and ``tcp_user_timeout``."""
+    import select
+
+    import psycopg
+
+    if conn.closed or conn.broken:
+        raise psycopg.OperationalError("the connection is closed")
+    readable, _, _ = select.select([conn.pgconn.socket], [], [], 0)
+    if readable:
+        conn.close()  # the pool discards it: a closed connection needs nothing more
+        raise psycopg.OperationalError("the server closed the connection, or is closing it")
 
 
 def _redact(url: str) -> str:

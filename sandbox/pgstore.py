@@ -107,7 +107,7 @@ TRANSACTION_TIMEOUT_S = STATEMENT_TIMEOUT_MS / 1000 + 30.0
 
 
 @contextlib.contextmanager
-def _answered_within(conn: psycopg.Connection[Any], seconds: float) -> Iterator[None]:
+def answered_within(conn: psycopg.Connection[Any], seconds: float) -> Iterator[None]:
     """Cut ``conn``'s socket if the block has not finished within ``seconds``: a read blocked
     on it then fails at once (``OperationalError``) instead of waiting forever."""
     import os
@@ -132,7 +132,7 @@ def _check(conn: psycopg.Connection[Any]) -> None:
     :data:`CHECK_TIMEOUT_S` (or the connection is discarded, and another one made)."""
     from psycopg_pool import ConnectionPool
 
-    with _answered_within(conn, CHECK_TIMEOUT_S):
+    with answered_within(conn, CHECK_TIMEOUT_S):
         ConnectionPool.check_connection(conn)
 
 
@@ -422,7 +422,7 @@ class PostgresStore:
         timeout = CONNECT_TIMEOUT_S if self._connected.is_set() else 1.0
         try:
             with self._pool.connection(timeout) as conn, \
-                    _answered_within(conn, TRANSACTION_TIMEOUT_S), conn.transaction():
+                    answered_within(conn, TRANSACTION_TIMEOUT_S), conn.transaction():
                 yield conn
         except PoolTimeout as exc:
             raise StoreUnavailable(
@@ -544,7 +544,7 @@ class PostgresStore:
                         if names:
                             self._refresh(conn, None if "" in names else names)
                         elif time.monotonic() - pinged >= PING_EVERY_S:
-                            with _answered_within(conn, CHECK_TIMEOUT_S):
+                            with answered_within(conn, CHECK_TIMEOUT_S):
                                 conn.execute("SELECT 1")  # a dead connection fails here
                             pinged = time.monotonic()
             except _SchemaError as exc:  # a schema we do not understand: fatal

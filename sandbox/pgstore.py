@@ -140,14 +140,16 @@ class _SchemaError(ConfigurationError):
     """The database's schema is one this version cannot use: fatal for the store."""
 
 
-def connection_kwargs(url: str, **kwargs: Any) -> dict[str, Any]:
-    """``kwargs`` plus :data:`LIVENESS` and the statement timeout, less what ``url`` sets."""
+def connection_kwargs(url: str, *, statement_timeout: bool = True, **kwargs: Any
+                      ) -> dict[str, Any]:
+    """``kwargs`` plus :data:`LIVENESS` and (unless ``statement_timeout`` is False) the
+    statement timeout, less what ``url`` sets."""
     from psycopg.conninfo import conninfo_to_dict
 
     given = conninfo_to_dict(url)
     extra = {k: v for k, v in LIVENESS.items() if k not in given}
     options = str(given.get("options", ""))
-    if "statement_timeout" not in options:
+    if statement_timeout and "statement_timeout" not in options:
         extra["options"] = f"{options} -c statement_timeout={STATEMENT_TIMEOUT_MS}".strip()
     return {**extra, **kwargs}
 
@@ -515,8 +517,11 @@ class PostgresStore:
         backoff = RECONNECT_BACKOFF_S[0]
         while not self._closed.is_set():
             try:
+                # No statement timeout here: a replica's first read fetches every bundle,
+                # which may take long on a big store; its pings have their own 5 s cut.
                 with psycopg.connect(self.url, **connection_kwargs(
-                        self.url, autocommit=True, connect_timeout=int(CONNECT_TIMEOUT_S),
+                        self.url, statement_timeout=False, autocommit=True,
+                        connect_timeout=int(CONNECT_TIMEOUT_S),
                         application_name=f"sandbox {self.node} listener".strip())) as conn:
                     _migrate(conn)
                     conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ

@@ -104,7 +104,7 @@ class PostgresQueue(SqlQueue):
         (After a database restart, a pool whose reconnection attempts failed while the
         database was going down waits out a backoff that doubles up to minutes.)"""
         with self._renewing:
-            if self._pool is not failed or failed is None:
+            if self._pool is not failed:
                 return
             pool = self._new_pool()
             pool.open(wait=False)

@@ -487,13 +487,10 @@ class PostgresStore:
                     log.error("function %s: unreadable version in the store, skipped: %s",
                               name, exc)
 
-            def fetch(digests: list[str]) -> dict[str, bytes]:
-                found = conn.execute("SELECT digest, content FROM sandbox_bundles WHERE "
-                                     "digest = ANY(%s)", (digests,)).fetchall()
-                return {str(d): bytes(c) for d, c in found}
-
             missing = sorted({fn.digest for fn in self.cache.unmirrored(functions)})
-            fetched = fetch(missing) if missing else {}
+            fetched = {str(d): bytes(c) for d, c in conn.execute(
+                "SELECT digest, content FROM sandbox_bundles WHERE digest = ANY(%s)",
+                (missing,)).fetchall()} if missing else {}
             added, removed = self.cache.mirror(
                 functions, nexts,
                 lambda digests: {d: fetched[d] for d in digests if d in fetched})

@@ -464,10 +464,14 @@ class FunctionStore:
         """Those of ``functions`` that :meth:`mirror` would need a bundle for (not mirrored
         yet, and their bundle not here): to fetch before calling it, outside its lock."""
         with self._lock:
-            before = {(fn.name, fn.version) for e in self._entries.values()
-                      for fn in e.versions}
-            return [fn for fn in functions if (fn.name, fn.version) not in before
-                    and not self.bundle_path(fn).is_file()]
+            return self._unmirrored(functions)
+
+    def _unmirrored(self, functions: Sequence[StoredFunction]) -> list[StoredFunction]:
+        """:meth:`unmirrored`, the caller holding the lock. Versions mirrored already have
+        their bundle: only new ones are looked at."""
+        before = {(fn.name, fn.version) for e in self._entries.values() for fn in e.versions}
+        return [fn for fn in functions if (fn.name, fn.version) not in before
+                and not self.bundle_path(fn).is_file()]
 
     def mirror(self, functions: Sequence[StoredFunction], next_versions: dict[str, int],
                fetch: Callable[[list[str]], dict[str, bytes]]
@@ -487,9 +491,7 @@ class FunctionStore:
             before = {(fn.name, fn.version): fn for e in self._entries.values()
                       for fn in e.versions}
             after = {(fn.name, fn.version): fn for fn in functions}
-            # Versions mirrored already have their bundle: only new ones are looked at.
-            new = [fn for key, fn in after.items()
-                   if key not in before and not self.bundle_path(fn).is_file()]
+            new = self._unmirrored(list(after.values()))
             missing = sorted({fn.digest for fn in new})
             sources = fetch(missing) if missing else {}
             for fn in new:
